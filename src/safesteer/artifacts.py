@@ -1,0 +1,91 @@
+"""Artifacts: tensors in safetensors, everything else in a JSON manifest. Never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from safesteer import __version__
+from safesteer.model import LoadedModel, fingerprint_mismatch
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, malformed, or belongs to another model."""
+
+
+def save_artifact(
+    directory: str | Path, method: str, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
+) -> Path:
+    """Write ``DIR/manifest.json`` and ``DIR/tensors.safetensors``; returns the directory."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(contiguous, str(out / TENSORS), metadata={"method": method})
+    full = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "safesteer_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tensors": {k: list(v.shape) for k, v in contiguous.items()},
+        **manifest,
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return out
+
+
+def load_artifact(
+    directory: str | Path, method: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an artifact; checks the format version and (optionally) the method."""
+    path = Path(directory)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"{path} is not a safesteer artifact (no {MANIFEST}). Create one with "
+            "`safesteer fit scans --out DIR`."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} has artifact format {version}; this safesteer reads format {FORMAT_VERSION}. "
+            "Refit it with this version."
+        )
+    if method is not None and manifest.get("method") != method:
+        raise ArtifactError(f"{path} holds a {manifest.get('method')!r} artifact, not {method!r}.")
+    tensor_path = path / TENSORS
+    if not tensor_path.is_file():
+        raise ArtifactError(f"{path} lacks {TENSORS}; the artifact is incomplete.")
+    return manifest, load_file(str(tensor_path))
+
+
+def check_model(manifest: dict[str, Any], lm: LoadedModel, directory: str | Path) -> None:
+    """Fail with a clear message when the artifact was fitted on another model."""
+    expected = manifest.get("model_fingerprint")
+    if expected is None:
+        raise ArtifactError(f"{directory} has no model fingerprint in its manifest.")
+    problem = fingerprint_mismatch(expected, lm.fingerprint())
+    if problem is not None:
+        raise ArtifactError(
+            f"The artifact in {directory} was fitted on {expected.get('name')!r}, not on the "
+            f"loaded model {lm.name!r}: {problem}. Fit a new artifact for this model "
+            "(`safesteer fit scans --model ... --out DIR`) or load the model it was made for."
+        )

@@ -1,0 +1,509 @@
+"""SCANS: refusal directions, transition-based harmfulness scores, signed steering (SPEC §1).
+
+Fit from harmful and benign anchors:
+  ``v_l = mean h_l(harmful)[p] - mean h_l(benign)[p]`` (unit norm) and the unsafe reference
+  ``d_l = mean_harmful (h_l[p] - h_l[e])`` where p is the last prompt token and e the end of the
+  fixed reply prefix ``Sure``.
+Classify: ``s_q = mean_{l in L} cos(t_l(q), d_l)``; ``sigma = +1`` (unsafe) when ``s_q >= T``.
+Steer: add ``sigma * alpha_l * v_l`` at the steering layers from the last prompt token on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from safesteer.activations import capture, forward, recording
+from safesteer.artifacts import check_model, load_artifact, save_artifact
+from safesteer.generation import (
+    Generated,
+    GenerationConfig,
+    decode_loop,
+    generate_ids,
+    new_cache,
+    rollback,
+)
+from safesteer.layout import Batch, ChatLayout, left_pad
+from safesteer.model import LoadedModel
+from safesteer.steering import steering
+
+AlphaMode = Literal["absolute", "relative"]
+
+# alpha relative to the mean residual norm at each steering layer; chosen on the embedded model's
+# anchors so that steering changes refusals without breaking fluency (see docs/methods.md).
+DEFAULT_RELATIVE_ALPHA = 0.02
+
+
+@dataclass(frozen=True)
+class ScansSettings:
+    """Everything that defines a SCANS configuration besides the fitted tensors."""
+
+    alpha: float
+    alpha_mode: AlphaMode
+    steer_layers: tuple[int, ...]
+    cls_layers: tuple[int, ...]
+    threshold: float | None  # None: calibrate on the anchors at fit time
+    reply_prefix: str = "Sure"
+    system_prompt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        data = asdict(self)
+        data["steer_layers"] = list(self.steer_layers)
+        data["cls_layers"] = list(self.cls_layers)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScansSettings:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            alpha=float(data["alpha"]),
+            alpha_mode=data["alpha_mode"],
+            steer_layers=tuple(int(i) for i in data["steer_layers"]),
+            cls_layers=tuple(int(i) for i in data["cls_layers"]),
+            threshold=None if data.get("threshold") is None else float(data["threshold"]),
+            reply_prefix=data.get("reply_prefix", "Sure"),
+            system_prompt=data.get("system_prompt"),
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The paper's settings for one model (SPEC §1.3-1.4)."""
+
+    num_layers: int
+    alpha: float
+    steer_layers: tuple[int, ...]
+    cls_layers: tuple[int, ...]
+    threshold: float
+
+
+PRESETS: dict[str, Preset] = {
+    "llama2-7b": Preset(32, 3.5, tuple(range(10, 20)), tuple(range(10, 32)), 0.75),
+    "llama2-13b": Preset(40, 3.5, tuple(range(10, 20)), tuple(range(10, 19)), 0.75),
+    "vicuna-7b": Preset(32, 4.0, tuple(range(10, 20)), tuple(range(10, 32)), 0.75),
+    "vicuna-13b": Preset(40, 4.0, tuple(range(10, 20)), tuple(range(10, 19)), 0.75),
+}
+
+
+def scaled_layers(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Steering and classification layers scaled by depth from the 32-layer defaults.
+
+    Steering: ~31 % to ~62 % of the depth (10..19 of 32); classification: ~31 % to the last layer.
+    """
+    start = max(1, round(10 / 32 * num_layers))
+    stop = max(start + 1, round(20 / 32 * num_layers))
+    return tuple(range(start, stop)), tuple(range(start, num_layers))
+
+
+def default_settings(num_layers: int, preset: str | None = None) -> ScansSettings:
+    """The preset's settings, or depth-scaled layers, relative alpha and a calibrated threshold."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        p = PRESETS[preset]
+        if p.num_layers != num_layers:
+            raise ValueError(
+                f"preset {preset!r} is for {p.num_layers}-layer models; this model has "
+                f"{num_layers} layers. Omit --preset to scale the layers by depth."
+            )
+        return ScansSettings(p.alpha, "absolute", p.steer_layers, p.cls_layers, p.threshold)
+    steer, cls_layers = scaled_layers(num_layers)
+    return ScansSettings(DEFAULT_RELATIVE_ALPHA, "relative", steer, cls_layers, None)
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """Parse ``10-19``, ``3,5,7`` or ``10-12,20`` into layer indices checked against the depth."""
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                layers.extend(range(lo, hi + 1))
+            elif part:
+                layers.append(int(part))
+    except ValueError:
+        raise ValueError(f"cannot read layers {spec!r}; write e.g. 10-19 or 3,5,7") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {spec!r} must lie in 0..{num_layers - 1} (got {bad or 'none'})")
+    return tuple(sorted(set(layers)))
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class ScansArtifact:
+    """Fitted SCANS state: unit refusal vectors, unsafe reference transitions, residual norms."""
+
+    vectors: torch.Tensor  # [num_layers, hidden], unit norm per layer
+    reference: torch.Tensor  # [num_layers, hidden], mean unsafe transition d_l
+    layer_norms: torch.Tensor  # [num_layers], mean residual norm at the last prompt token
+    settings: ScansSettings
+    anchors: dict[str, Any]
+    model_fingerprint: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def layer_alpha(self, layer: int) -> float:
+        """The norm added at ``layer``: alpha, or alpha times the layer's mean residual norm."""
+        if self.settings.alpha_mode == "relative":
+            return self.settings.alpha * float(self.layer_norms[layer])
+        return self.settings.alpha
+
+    def steering_vectors(self, direction: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """``alpha_l * v_l`` per steering layer (or another unit direction, e.g. a random one)."""
+        source = self.vectors if direction is None else direction
+        return {
+            layer: self.layer_alpha(layer) * source[layer] for layer in self.settings.steer_layers
+        }
+
+    def with_settings(self, **changes: Any) -> ScansArtifact:
+        """A copy with some settings replaced (e.g. ``alpha=2.0``)."""
+        return replace(self, settings=replace(self.settings, **changes))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact (safetensors + manifest.json)."""
+        manifest = {
+            "settings": self.settings.to_json(),
+            "anchors": self.anchors,
+            "model_fingerprint": self.model_fingerprint,
+            "calibration": self.calibration,
+        }
+        tensors = {
+            "vectors": self.vectors,
+            "reference": self.reference,
+            "layer_norms": self.layer_norms,
+        }
+        return save_artifact(directory, "scans", tensors, manifest)
+
+    @classmethod
+    def load(cls, directory: str | Path, lm: LoadedModel | None = None) -> ScansArtifact:
+        """Load an artifact; with ``lm``, fail clearly if it was fitted on another model."""
+        manifest, tensors = load_artifact(directory, "scans")
+        if lm is not None:
+            check_model(manifest, lm, directory)
+        return cls(
+            vectors=tensors["vectors"],
+            reference=tensors["reference"],
+            layer_norms=tensors["layer_norms"],
+            settings=ScansSettings.from_json(manifest["settings"]),
+            anchors=manifest["anchors"],
+            model_fingerprint=manifest["model_fingerprint"],
+            calibration=manifest.get("calibration", {}),
+        )
+
+
+def _transition_states(
+    lm: LoadedModel,
+    layout: ChatLayout,
+    queries: Sequence[str],
+    reply_prefix: str,
+    batch_size: int,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """States ``[n, n_layers, 2, hidden]`` at the last prompt token and the reply prefix's end."""
+    reply_len = len(layout.reply_ids(reply_prefix))
+    encoded = [layout.encode(q, reply_prefix).input_ids for q in queries]
+    return capture(lm, encoded, [-1 - reply_len, -1], layers=layers, batch_size=batch_size)
+
+
+def cosine_scores(
+    transitions: torch.Tensor, reference: torch.Tensor, cls_layers: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer cosines ``[n, len(L)]`` of transitions to the reference, and their mean ``s_q``.
+
+    ``transitions`` is ``[n, n_layers_given, hidden]`` aligned with ``cls_layers``.
+    """
+    ref = reference[list(cls_layers)].to(transitions.dtype)
+    cos = F.cosine_similarity(transitions, ref[None, :, :], dim=-1)
+    return cos, cos.mean(dim=1)
+
+
+def calibrate_threshold(
+    harmful_transitions: torch.Tensor,
+    benign_transitions: torch.Tensor,
+    cls_layers: Sequence[int],
+    folds: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Pick T from out-of-fold anchor scores: each fold is scored against a reference fitted on
+    the other folds' harmful anchors; T maximises balanced accuracy (midpoint between scores)."""
+    rng = np.random.default_rng(seed)
+    n_h, n_b = harmful_transitions.shape[0], benign_transitions.shape[0]
+    fold_h = rng.permutation(n_h) % folds
+    fold_b = rng.permutation(n_b) % folds
+    layers = list(cls_layers)
+    scores_h = torch.empty(n_h)
+    scores_b = torch.empty(n_b)
+    for k in range(folds):
+        train = torch.from_numpy(fold_h != k)
+        if not bool(train.any()):
+            continue
+        reference = harmful_transitions[train].mean(dim=0)  # [all layers, hidden]
+        held_h = torch.from_numpy(fold_h == k)
+        held_b = torch.from_numpy(fold_b == k)
+        if bool(held_h.any()):
+            scores_h[held_h] = cosine_scores(
+                harmful_transitions[held_h][:, layers], reference, layers
+            )[1]
+        if bool(held_b.any()):
+            scores_b[held_b] = cosine_scores(
+                benign_transitions[held_b][:, layers], reference, layers
+            )[1]
+    all_scores = torch.cat([scores_h, scores_b]).sort().values
+    candidates = ((all_scores[1:] + all_scores[:-1]) / 2).tolist() or [float(all_scores[0])]
+    best_t, best_acc = candidates[0], -1.0
+    for t in candidates:
+        acc = 0.5 * (float((scores_h >= t).float().mean()) + float((scores_b < t).float().mean()))
+        if acc > best_acc + 1e-12:
+            best_t, best_acc = t, acc
+    return {
+        "method": f"{folds}-fold out-of-fold scores on the anchors, max balanced accuracy",
+        "threshold": best_t,
+        "balanced_accuracy": best_acc,
+        "harmful_score_mean": float(scores_h.mean()),
+        "benign_score_mean": float(scores_b.mean()),
+    }
+
+
+@torch.inference_mode()
+def fit_scans(
+    lm: LoadedModel,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    settings: ScansSettings,
+    *,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> ScansArtifact:
+    """Fit refusal vectors, the unsafe reference transition and (if unset) the threshold."""
+    if not harmful or not benign:
+        raise ValueError("fitting SCANS needs at least one harmful and one benign anchor")
+    layout = ChatLayout(lm.tokenizer, settings.system_prompt)
+    states_h = _transition_states(lm, layout, harmful, settings.reply_prefix, batch_size)
+    states_b = _transition_states(lm, layout, benign, settings.reply_prefix, batch_size)
+    last_h, last_b = states_h[:, :, 0], states_b[:, :, 0]  # [n, layers, hidden] at p
+    vectors = last_h.mean(dim=0) - last_b.mean(dim=0)
+    vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    trans_h = states_h[:, :, 0] - states_h[:, :, 1]
+    trans_b = states_b[:, :, 0] - states_b[:, :, 1]
+    reference = trans_h.mean(dim=0)
+    layer_norms = torch.cat([last_h, last_b]).norm(dim=-1).mean(dim=0)
+    calibration = calibrate_threshold(trans_h, trans_b, settings.cls_layers, seed=seed)
+    if settings.threshold is None:
+        settings = replace(settings, threshold=float(calibration["threshold"]))
+    anchors = {
+        "seed": seed,
+        "harmful": list(harmful),
+        "benign": list(benign),
+        "harmful_sha256": [_sha(q) for q in harmful],
+        "benign_sha256": [_sha(q) for q in benign],
+    }
+    return ScansArtifact(
+        vectors, reference, layer_norms, settings, anchors, lm.fingerprint(), calibration
+    )
+
+
+@dataclass
+class ScansDecision:
+    """The classifier's view of one query."""
+
+    score: float
+    sigma: int  # +1 unsafe, -1 safe
+    layer_cosines: list[float]
+
+
+@dataclass
+class ScansResult:
+    """A decision and the (steered) response for one query."""
+
+    prompt: str
+    decision: ScansDecision
+    response: str
+    token_ids: list[int]
+    stopped: bool
+
+
+def _decisions(
+    artifact: ScansArtifact, p_states: torch.Tensor, e_states: torch.Tensor
+) -> list[ScansDecision]:
+    cls_layers = artifact.settings.cls_layers
+    cos, scores = cosine_scores(p_states - e_states, artifact.reference, cls_layers)
+    threshold = artifact.settings.threshold
+    assert threshold is not None
+    return [
+        ScansDecision(float(s), 1 if float(s) >= threshold else -1, [float(c) for c in row])
+        for s, row in zip(scores, cos, strict=True)
+    ]
+
+
+def classify(
+    lm: LoadedModel, artifact: ScansArtifact, queries: Sequence[str], batch_size: int = 16
+) -> list[ScansDecision]:
+    """Score queries with a full forward of prompt + reply prefix (the reference computation)."""
+    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
+    states = _transition_states(
+        lm,
+        layout,
+        queries,
+        artifact.settings.reply_prefix,
+        batch_size,
+        artifact.settings.cls_layers,
+    )
+    return _decisions(artifact, states[:, :, 0], states[:, :, 1])
+
+
+Coefficients = Callable[[list[ScansDecision]], torch.Tensor]
+
+
+def signed(decisions: list[ScansDecision]) -> torch.Tensor:
+    """SCANS' per-row coefficient: sigma (+1 towards refusal, -1 away from it)."""
+    return torch.tensor([float(d.sigma) for d in decisions])
+
+
+def unsteered(decisions: list[ScansDecision]) -> torch.Tensor:
+    """No steering (coefficients all zero): decisions are still computed and reported."""
+    return torch.zeros(len(decisions))
+
+
+@torch.inference_mode()
+def _fused_batch(
+    lm: LoadedModel,
+    artifact: ScansArtifact,
+    encoded: list[list[int]],
+    reply_ids: list[int],
+    config: GenerationConfig,
+    coefficients: Coefficients,
+    direction: torch.Tensor | None,
+) -> tuple[list[ScansDecision], Generated]:
+    """Decision and steered decoding sharing one prefill of the prompt prefix.
+
+    1. prefill every prompt but its last token (unsteered), keeping the KV cache;
+    2. run [last prompt token, reply prefix] on it and read the states at both ends (classifier);
+    3. crop the cache back to the prefix and rerun the last prompt token steered, then decode.
+    Extra work over plain generation: ``len(reply_prefix) + 1`` tokens per row.
+    """
+    pad_id = int(lm.tokenizer.pad_token_id)
+    prefix = left_pad([ids[:-1] for ids in encoded], pad_id, lm.device)
+    width = prefix.width
+    last = torch.tensor([[ids[-1]] for ids in encoded], device=lm.device)
+    rows = len(encoded)
+    cache = new_cache(lm)
+    if width > 0:
+        forward(lm, prefix, past_key_values=cache, use_cache=True)
+    next_pos = prefix.position_ids[:, -1:] + prefix.attention_mask[:, -1:] if width else None
+    if next_pos is None:
+        next_pos = torch.zeros((rows, 1), dtype=torch.long, device=lm.device)
+    # 2. classification chunk
+    reply = torch.tensor([reply_ids] * rows, device=lm.device)
+    chunk_ids = torch.cat([last, reply], dim=1)
+    chunk_len = chunk_ids.shape[1]
+    chunk_pos = next_pos + torch.arange(chunk_len, device=lm.device)[None, :]
+    chunk_mask = torch.cat([prefix.attention_mask, torch.ones_like(chunk_ids)], dim=1)
+    with recording(lm, artifact.settings.cls_layers, [0, chunk_len - 1]) as rec:
+        forward(lm, Batch(chunk_ids, chunk_mask, chunk_pos), past_key_values=cache, use_cache=True)
+    states = rec.stacked()
+    decisions = _decisions(artifact, states[:, :, 0], states[:, :, 1])
+    # 3. roll back and decode with steering from the last prompt token on
+    rollback(cache, chunk_len)
+    full = Batch(
+        torch.cat([prefix.input_ids, last], dim=1),
+        torch.cat([prefix.attention_mask, torch.ones_like(last)], dim=1),
+        torch.cat([prefix.position_ids, next_pos], dim=1),
+    )
+    step = Batch(last, full.attention_mask, next_pos)
+    with steering(lm, artifact.steering_vectors(direction), coefficients(decisions), width):
+        out = forward(lm, step, past_key_values=cache, use_cache=True)
+        generated = decode_loop(lm, full, out.logits[:, -1, :].float(), cache, config)
+    return decisions, generated
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def scans_generate(
+    lm: LoadedModel,
+    artifact: ScansArtifact,
+    queries: Sequence[str],
+    config: GenerationConfig,
+    *,
+    batch_size: int = 16,
+    coefficients: Coefficients = signed,
+    direction: torch.Tensor | None = None,
+    on_batch: Callable[[list[int], list[ScansResult]], None] | None = None,
+) -> list[ScansResult]:
+    """Classify and generate for ``queries`` in length-sorted batches (one prefill per batch).
+
+    ``on_batch(indices, results)`` is called after every batch (e.g. to write results as they come).
+    """
+    if not config.use_cache:
+        raise ValueError("the fused SCANS path needs the KV cache; use scans_generate_two_pass")
+    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
+    reply_ids = layout.reply_ids(artifact.settings.reply_prefix)
+    encoded = [layout.prompt_ids(q) for q in queries]
+    results: list[ScansResult | None] = [None] * len(queries)
+    for indices in _length_sorted_batches([len(e) for e in encoded], batch_size):
+        decisions, generated = _fused_batch(
+            lm, artifact, [encoded[i] for i in indices], reply_ids, config, coefficients, direction
+        )
+        batch_results = _results(lm, [queries[i] for i in indices], decisions, generated)
+        for i, r in zip(indices, batch_results, strict=True):
+            results[i] = r
+        if on_batch is not None:
+            on_batch(indices, batch_results)
+    return [r for r in results if r is not None]
+
+
+def _results(
+    lm: LoadedModel, queries: Sequence[str], decisions: list[ScansDecision], generated: Generated
+) -> list[ScansResult]:
+    texts = [
+        str(lm.tokenizer.decode(t, skip_special_tokens=True)).strip() for t in generated.token_ids
+    ]
+    return [
+        ScansResult(q, d, text, ids, stop)
+        for q, d, text, ids, stop in zip(
+            queries, decisions, texts, generated.token_ids, generated.stopped, strict=True
+        )
+    ]
+
+
+def scans_generate_two_pass(
+    lm: LoadedModel,
+    artifact: ScansArtifact,
+    queries: Sequence[str],
+    config: GenerationConfig,
+    *,
+    batch_size: int = 16,
+    coefficients: Coefficients = signed,
+) -> list[ScansResult]:
+    """The straightforward computation: a full classification forward, then a steered generation
+    with its own prefill. Slower; kept as the reference the fused path is tested against."""
+    decisions = classify(lm, artifact, queries, batch_size)
+    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
+    encoded = [layout.prompt_ids(q) for q in queries]
+    results: list[ScansResult | None] = [None] * len(queries)
+    for indices in _length_sorted_batches([len(e) for e in encoded], batch_size):
+        width = max(len(encoded[i]) for i in indices)
+        batch_decisions = [decisions[i] for i in indices]
+        with steering(lm, artifact.steering_vectors(), coefficients(batch_decisions), width - 1):
+            generated = generate_ids(lm, [encoded[i] for i in indices], config)
+        for i, r in zip(
+            indices,
+            _results(lm, [queries[i] for i in indices], batch_decisions, generated),
+            strict=True,
+        ):
+            results[i] = r
+    return [r for r in results if r is not None]
