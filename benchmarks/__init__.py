@@ -1,0 +1,1 @@
+"""Performance benchmarks for safesteer (run each with ``python -m benchmarks.NAME``)."""

@@ -1,0 +1,272 @@
+"""The ``safesteer`` command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from safesteer import __version__
+from safesteer.artifacts import ArtifactError
+from safesteer.cli_datasets import datasets_app
+from safesteer.datasets import DatasetError
+from safesteer.model import ModelLoadError
+
+app = typer.Typer(
+    help="Make chat models refuse what they should and answer what they should.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+fit_app = typer.Typer(help="Fit a method and write its artifact.", no_args_is_help=True)
+app.add_typer(fit_app, name="fit")
+app.add_typer(datasets_app, name="datasets")
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="HF directory, .gguf file or hub id; default: the embedded SmolLM2-135M."),
+]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+DeviceMapOpt = Annotated[
+    str | None, typer.Option(help="accelerate device map, e.g. auto (several GPUs).")
+]
+SeedOpt = Annotated[int, typer.Option(help="Seed for anchors, sampling and calibration.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts per batch.")]
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+    _quiet_libraries()
+
+
+@app.command()
+def run(
+    model: ModelOpt = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Paper settings: llama2-7b, llama2-13b, vicuna-7b, vicuna-13b."),
+    ] = None,
+    test_data: Annotated[
+        str,
+        typer.Option(
+            help="default, xstest, oktest, repe, malicious, harmfulq, heldout, scans-paper, or "
+            "file paths (csv/json/jsonl/parquet/txt), comma-separated."
+        ),
+    ] = "default",
+    limit: Annotated[
+        int | None, typer.Option(help="Seeded sample of N prompts keeping the safe/unsafe mix.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+    batch_size: BatchOpt = 16,
+    multiplier: Annotated[
+        float | None, typer.Option(help="Steering strength alpha (overrides the artifact's).")
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="Steering layers, e.g. 10-19.")] = None,
+    cls_layers: Annotated[
+        str | None, typer.Option(help="Classification layers, e.g. 10-31.")
+    ] = None,
+    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    threshold: Annotated[
+        float | None, typer.Option(help="Decision threshold T (default: preset or calibrated).")
+    ] = None,
+    seed: SeedOpt = 0,
+    artifact: Annotated[
+        Path | None, typer.Option(help="A fitted SCANS artifact (skips fitting).")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where results are written.")] = Path(
+        "runs/scans"
+    ),
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with non-bundled datasets (or SAFESTEER_DATA_DIR).")
+    ] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="1.0 = off; the paper uses 1.1.")] = 1.0,
+    system_prompt: Annotated[str | None, typer.Option(help="Optional system prompt.")] = None,
+    method: Annotated[
+        str, typer.Option(help="scans (steer) or none (decide but do not steer: the baseline).")
+    ] = "scans",
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Fit (or load) SCANS, steer generation over a test set, judge refusals and summarise."""
+    from safesteer.runner import RunError, RunOptions
+    from safesteer.runner import run as run_job
+
+    options = RunOptions(
+        model=model,
+        preset=preset,
+        test_data=test_data,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        multiplier=multiplier,
+        layers=layers,
+        cls_layers=cls_layers,
+        anchor_size=anchor_size,
+        threshold=threshold,
+        seed=seed,
+        artifact=str(artifact) if artifact else None,
+        output_dir=str(output_dir),
+        data_dir=str(data_dir) if data_dir else None,
+        repetition_penalty=repetition_penalty,
+        system_prompt=system_prompt,
+        method=method,
+        dtype=dtype,
+        device=_device(device),
+        device_map=device_map,
+    )
+    with _user_errors(RunError):
+        run_job(options)
+
+
+@fit_app.command("scans")
+def fit_scans_command(
+    out: Annotated[Path, typer.Option(help="Artifact folder to write.")],
+    model: ModelOpt = None,
+    preset: Annotated[str | None, typer.Option(help="Paper settings preset.")] = None,
+    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    seed: SeedOpt = 0,
+    multiplier: Annotated[float | None, typer.Option(help="Steering strength alpha.")] = None,
+    layers: Annotated[str | None, typer.Option(help="Steering layers, e.g. 10-19.")] = None,
+    cls_layers: Annotated[str | None, typer.Option(help="Classification layers.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Threshold T (default: calibrated).")
+    ] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="Optional system prompt.")] = None,
+    batch_size: BatchOpt = 16,
+    data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Fit SCANS refusal vectors, reference transitions and threshold; write DIR/manifest.json."""
+    from safesteer.model import load_model
+    from safesteer.runner import RunError, RunOptions, fit_or_load
+
+    options = RunOptions(
+        model=model,
+        preset=preset,
+        anchor_size=anchor_size,
+        seed=seed,
+        multiplier=multiplier,
+        layers=layers,
+        cls_layers=cls_layers,
+        threshold=threshold,
+        system_prompt=system_prompt,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+    )
+    with _user_errors(RunError):
+        lm = load_model(model, dtype=dtype, device=_device(device), device_map=device_map)
+        artifact = fit_or_load(lm, options, None)
+        artifact.save(out)
+    s = artifact.settings
+    err.print(
+        f"Wrote {out}: {lm.num_layers} layers, steering {list(s.steer_layers)}, alpha {s.alpha} "
+        f"({s.alpha_mode}), threshold {s.threshold:.4f}, classification layers "
+        f"{s.cls_layers[0]}..{s.cls_layers[-1]}"
+    )
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more user prompts.")],
+    model: ModelOpt = None,
+    artifact: Annotated[Path | None, typer.Option(help="A fitted SCANS artifact.")] = None,
+    method: Annotated[str, typer.Option(help="none or scans.")] = "scans",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
+    repetition_penalty: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
+    multiplier: Annotated[float | None, typer.Option(help="Steering strength alpha.")] = None,
+    seed: SeedOpt = 0,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Print responses, with the SCANS decision (score, sigma) per prompt."""
+    from safesteer.generation import GenerationConfig
+    from safesteer.model import load_model
+    from safesteer.runner import RunError, RunOptions, decide_and_generate, fit_or_load
+
+    if method not in ("none", "scans"):
+        err.print(f"[red]unknown method {method!r}; use none or scans[/red]")
+        raise typer.Exit(2)
+    with _user_errors(RunError):
+        lm = load_model(model, dtype=dtype, device=_device(device), device_map=device_map)
+        scans = None
+        if method == "scans":
+            if artifact is None:
+                err.print("No --artifact given: fitting SCANS now (save one with `safesteer fit`).")
+            options = RunOptions(
+                artifact=str(artifact) if artifact else None, seed=seed, multiplier=multiplier
+            )
+            scans = fit_or_load(lm, options, None)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty
+        )
+        outputs = decide_and_generate(lm, scans, prompts, config)
+    console = Console()
+    for prompt, (response, decision) in zip(prompts, outputs, strict=True):
+        console.rule(prompt[:80])
+        if decision is not None:
+            verdict = (
+                "unsafe → steer towards refusal" if decision.sigma > 0 else "safe → steer away"
+            )
+            console.print(
+                f"[dim]score {decision.score:.4f}  sigma {decision.sigma:+d}  {verdict}[/dim]"
+            )
+        console.print(response)
+
+
+@contextmanager
+def _user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Turn expected errors into a one-line message and exit code 1 (no traceback)."""
+    kinds: tuple[type[Exception], ...] = (
+        ModelLoadError,
+        ArtifactError,
+        DatasetError,
+        ValueError,
+        *extra,
+    )
+    try:
+        yield
+    except kinds as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+def main() -> None:
+    """Entry point of the ``safesteer`` command."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; finished rows are kept and the run resumes when started again")
+        sys.exit(130)

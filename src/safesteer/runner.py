@@ -1,0 +1,359 @@
+"""The main job: fit (or load) SCANS, run it over a test set, judge, and write results.
+
+Results are written as they are produced (``responses.jsonl``), so an interrupted run keeps its
+finished rows and continues where it stopped when started again with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from safesteer import __version__
+from safesteer.datasets import Prompt, draw_anchors, load_test_set, stratified_sample
+from safesteer.generation import GenerationConfig
+from safesteer.judges import is_refusal_paper, is_refusal_strict
+from safesteer.methods.scans import (
+    ScansArtifact,
+    ScansDecision,
+    ScansResult,
+    default_settings,
+    fit_scans,
+    parse_layers,
+    scans_generate,
+    signed,
+    unsteered,
+)
+from safesteer.metrics import classifier_metrics, pooled_avg, refusal_rates
+from safesteer.model import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class RunOptions:
+    """Settings of ``safesteer run`` (also written to ``settings.json``)."""
+
+    model: str | None = None
+    preset: str | None = None
+    test_data: str = "default"
+    limit: int | None = None
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    multiplier: float | None = None
+    layers: str | None = None
+    cls_layers: str | None = None
+    anchor_size: int = 64
+    threshold: float | None = None
+    seed: int = 0
+    artifact: str | None = None
+    output_dir: str = "runs/scans"
+    data_dir: str | None = None
+    repetition_penalty: float = 1.0
+    system_prompt: str | None = None
+    method: str = "scans"
+    dtype: str = "auto"
+    device: str = "cpu"
+    device_map: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings that must match for an existing output folder to be continued."""
+        keep = [
+            "model",
+            "preset",
+            "test_data",
+            "limit",
+            "max_new_tokens",
+            "multiplier",
+            "layers",
+            "cls_layers",
+            "anchor_size",
+            "threshold",
+            "seed",
+            "artifact",
+            "repetition_penalty",
+            "system_prompt",
+            "method",
+        ]
+        return {k: getattr(self, k) for k in keep}
+
+
+def fit_or_load(lm: LoadedModel, options: RunOptions, out_dir: Path | None) -> ScansArtifact:
+    """Load ``options.artifact`` (checked against the model) or fit one from seeded anchors."""
+    fitted_before = out_dir / "artifact" if out_dir is not None else None
+    if options.artifact:
+        artifact = ScansArtifact.load(options.artifact, lm)
+    elif fitted_before is not None and (fitted_before / "manifest.json").exists():
+        # A resumed run reuses the artifact it fitted (same seed and anchors) instead of refitting.
+        artifact = ScansArtifact.load(fitted_before, lm)
+    else:
+        settings = default_settings(lm.num_layers, options.preset)
+        if options.system_prompt is not None:
+            settings = replace(settings, system_prompt=options.system_prompt)
+        anchors = draw_anchors(options.anchor_size, options.seed, options.data_dir)
+        with console.status(
+            f"Fitting SCANS on {len(anchors.harmful)}+{len(anchors.benign)} anchors"
+        ):
+            artifact = fit_scans(
+                lm,
+                anchors.harmful,
+                anchors.benign,
+                settings,
+                seed=options.seed,
+                batch_size=options.batch_size,
+            )
+        if out_dir is not None:
+            artifact.save(out_dir / "artifact")
+    return apply_overrides(artifact, lm, options)
+
+
+def apply_overrides(artifact: ScansArtifact, lm: LoadedModel, options: RunOptions) -> ScansArtifact:
+    """Command-line values for alpha, layers and threshold replace the artifact's."""
+    changes: dict[str, Any] = {}
+    if options.multiplier is not None:
+        changes["alpha"] = options.multiplier
+    if options.layers:
+        changes["steer_layers"] = parse_layers(options.layers, lm.num_layers)
+    if options.cls_layers:
+        changes["cls_layers"] = parse_layers(options.cls_layers, lm.num_layers)
+    if options.threshold is not None:
+        changes["threshold"] = options.threshold
+    return artifact.with_settings(**changes) if changes else artifact
+
+
+def select_prompts(options: RunOptions, anchors: Sequence[str]) -> list[Prompt]:
+    """The test prompts: anchors removed, then a seeded sample keeping the safe/unsafe mix."""
+    prompts = load_test_set(options.test_data, exclude=anchors, data_dir=options.data_dir)
+    if not prompts:
+        raise RunError(f"test data {options.test_data!r} holds no prompts")
+    return stratified_sample(prompts, options.limit, options.seed)
+
+
+def _row(index: int, prompt: Prompt, result: ScansResult) -> dict[str, Any]:
+    return {
+        "id": index,
+        "prompt": prompt.text,
+        "label": prompt.label,
+        "subset": prompt.subset,
+        "score": round(result.decision.score, 6),
+        "sigma": result.decision.sigma,
+        "predicted": "unsafe" if result.decision.sigma > 0 else "safe",
+        "response": result.response,
+        "refused": is_refusal_paper(result.response),
+        "refused_strict": is_refusal_strict(result.response),
+        "new_tokens": len(result.token_ids),
+        "stopped": result.stopped,
+    }
+
+
+def _read_done(path: Path, prompts: Sequence[Prompt]) -> dict[int, dict[str, Any]]:
+    done: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return done
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is truncated; it will be regenerated", path, line_no)
+                continue
+            index = row.get("id")
+            if (
+                isinstance(index, int)
+                and index < len(prompts)
+                and row["prompt"] == prompts[index].text
+            ):
+                done[index] = row
+    return done
+
+
+def _check_resume(out: Path, options: RunOptions) -> None:
+    settings_path = out / "settings.json"
+    if not (out / "responses.jsonl").exists() or not settings_path.exists():
+        return
+    previous = json.loads(settings_path.read_text()).get("resume_key")
+    if previous != options.resume_key():
+        changed = sorted(
+            k for k in options.resume_key() if (previous or {}).get(k) != options.resume_key()[k]
+        )
+        raise RunError(
+            f"{out} holds a run with other settings (changed: {', '.join(changed)}). "
+            "Use another --output-dir, or delete the folder to start over."
+        )
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Refusal rates per label and subset, pooled Avg and the classifier's quality."""
+    labels = [r["label"] for r in rows]
+    subsets = [r["subset"] for r in rows]
+    summary: dict[str, Any] = {"n": len(rows)}
+    for key, column in (("paper_judge", "refused"), ("strict_judge", "refused_strict")):
+        refused = [bool(r[column]) for r in rows]
+        summary[key] = {
+            "by_label": refusal_rates(labels, labels, refused),
+            "by_subset": refusal_rates(labels, subsets, refused),
+            "avg": pooled_avg(labels, refused),
+        }
+    summary["classifier"] = classifier_metrics(
+        labels, [r["score"] for r in rows], [r["predicted"] for r in rows]
+    )
+    return summary
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    """A readable table of refusal rates and classifier quality."""
+    table = Table(title=f"SCANS run: {summary['n']} prompts ({out})")
+    table.add_column("subset")
+    table.add_column("label")
+    table.add_column("n", justify="right")
+    table.add_column("refusal % (paper)", justify="right")
+    table.add_column("refusal % (strict)", justify="right")
+    paper, strict = summary["paper_judge"], summary["strict_judge"]
+    for name, row in paper["by_subset"].items():
+        strict_rate = strict["by_subset"][name]["refusal_rate"]
+        table.add_row(
+            name,
+            row["label"],
+            str(row["n"]),
+            _pct(row["refusal_rate"]),
+            _pct(strict_rate),
+        )
+    table.add_row("Avg (pooled)", "", str(summary["n"]), _pct(paper["avg"]), _pct(strict["avg"]))
+    Console().print(table)
+    cls = summary["classifier"]
+    Console().print(
+        "classifier (unsafe = positive): "
+        f"precision {_num(cls['precision'])}  recall {_num(cls['recall'])}  F1 {_num(cls['f1'])}  "
+        f"AUROC {_num(cls['auroc'])}  AUPRC {_num(cls['auprc'])}"
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
+    """Run SCANS over the test data, writing responses, summary and settings to the output dir."""
+    if options.method not in ("scans", "none"):
+        raise RunError(f"unknown method {options.method!r}; use scans or none")
+    out = Path(options.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resume(out, options)
+    if lm is None:
+        with console.status("Loading model"):
+            lm = load_model(
+                options.model,
+                dtype=options.dtype,
+                device=options.device,
+                device_map=options.device_map,
+            )
+    artifact = fit_or_load(lm, options, out)
+    anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
+    prompts = select_prompts(options, anchors)
+    settings = {
+        "safesteer_version": __version__,
+        "options": asdict(options),
+        "resume_key": options.resume_key(),
+        "model": lm.name,
+        "scans": artifact.settings.to_json(),
+        "calibration": artifact.calibration,
+        "n_prompts": len(prompts),
+        "torch": torch.__version__,
+    }
+    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    responses_path = out / "responses.jsonl"
+    done = _read_done(responses_path, prompts)
+    todo = [i for i in range(len(prompts)) if i not in done]
+    if done:
+        console.print(f"Resuming: {len(done)} of {len(prompts)} prompts already done in {out}")
+        # rewrite the file without truncated lines before appending
+        with responses_path.open("w") as handle:
+            for i in sorted(done):
+                handle.write(json.dumps(done[i]) + "\n")
+    config = GenerationConfig(
+        max_new_tokens=options.max_new_tokens, repetition_penalty=options.repetition_penalty
+    )
+    coefficients = signed if options.method == "scans" else unsteered
+    rows = dict(done)
+    with (
+        responses_path.open("a") as handle,
+        Progress(
+            TextColumn("[bold]generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress,
+    ):
+        task = progress.add_task("generate", total=len(prompts), completed=len(done))
+
+        def write(indices: list[int], results: list[ScansResult]) -> None:
+            for local, result in zip(indices, results, strict=True):
+                index = todo[local]
+                row = _row(index, prompts[index], result)
+                rows[index] = row
+                handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            progress.advance(task, len(indices))
+
+        if todo:
+            scans_generate(
+                lm,
+                artifact,
+                [prompts[i].text for i in todo],
+                config,
+                batch_size=options.batch_size,
+                coefficients=coefficients,
+                on_batch=write,
+            )
+    ordered = [rows[i] for i in sorted(rows)]
+    summary = summarise(ordered)
+    summary["settings"] = {"method": options.method, **artifact.settings.to_json()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, out)
+    return summary
+
+
+def decide_and_generate(
+    lm: LoadedModel,
+    artifact: ScansArtifact | None,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    batch_size: int = 16,
+    steer: bool = True,
+) -> list[tuple[str, ScansDecision | None]]:
+    """Responses (and SCANS decisions when an artifact is given) for ad-hoc prompts."""
+    if artifact is None:
+        from safesteer.generation import decode_texts, generate_ids
+        from safesteer.layout import ChatLayout
+
+        layout = ChatLayout(lm.tokenizer)
+        texts = decode_texts(lm, generate_ids(lm, [layout.prompt_ids(p) for p in prompts], config))
+        return [(t, None) for t in texts]
+    chooser: Callable[[list[ScansDecision]], torch.Tensor] = signed if steer else unsteered
+    results = scans_generate(
+        lm, artifact, prompts, config, batch_size=batch_size, coefficients=chooser
+    )
+    return [(r.response, r.decision) for r in results]
