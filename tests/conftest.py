@@ -1,12 +1,14 @@
 """Shared fixtures: the shared data folder, tiny random models built in-process, the embedded model.
 
 Nothing here touches the network: the tiny models get a byte-level BPE tokenizer trained on a few
-sentences, with special tokens and a small Jinja chat template, and random weights from a fixed seed.
+sentences, with special tokens and a small Jinja chat template, and random weights from a fixed
+seed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -216,6 +218,22 @@ def build_tiny(
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     return wrap_model(model, tokenizer, name=name or f"tiny-{arch}-seed{seed}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> Iterator[None]:
+    """Run the tests on one torch thread (``SAFESTEER_TEST_THREADS`` overrides).
+
+    The tiny models are fastest on one thread, and on a shared 2-core machine OpenMP threads make
+    every small matmul wait for a scheduler tick (measured 100x slower for the tiny models and 30x
+    for the embedded one); the embedded model loses little on one dedicated core.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SAFESTEER_TEST_THREADS", "1")))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCH_NAMES, BENIGN, HARMFUL, LAYERS_PATHS, build_tiny
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+from conftest import ARCH_NAMES, BENIGN, HARMFUL, LAYERS_PATHS, build_tiny
 from safesteer.activations import forward
 from safesteer.layout import PLAIN_TEMPLATE, ChatLayout, EncodedPrompt, left_pad
 from safesteer.model import LoadedModel, ModelLoadError, find_decoder_layers, wrap_model
@@ -22,7 +22,9 @@ def _expected_layers(lm: LoadedModel) -> int:
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_discovery_finds_every_decoder_layer(tiny_models: dict[str, LoadedModel], arch: str) -> None:
+def test_discovery_finds_every_decoder_layer(
+    tiny_models: dict[str, LoadedModel], arch: str
+) -> None:
     lm = tiny_models[arch]
     path, layers = find_decoder_layers(lm.model)
     assert len(layers) == _expected_layers(lm)
@@ -121,9 +123,7 @@ def test_reply_prefix_positions(tokenizer: PreTrainedTokenizerFast, query: str) 
     assert encoded.reply_end == len(encoded.input_ids) - 1
     assert encoded.reply_end == encoded.prompt_end + len(sure)
     assert list(encoded.input_ids[encoded.prompt_end + 1 :]) == sure
-    assert encoded.input_ids[encoded.prompt_end] == tokenizer.convert_tokens_to_ids(
-        "<|assistant|>"
-    )
+    assert encoded.input_ids[encoded.prompt_end] == tokenizer.convert_tokens_to_ids("<|assistant|>")
 
 
 @pytest.mark.parametrize("query", [*HARMFUL[:2], *BENIGN[:2]])

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from safesteer import __version__
@@ -74,7 +75,17 @@ def load_artifact(
     tensor_path = path / TENSORS
     if not tensor_path.is_file():
         raise ArtifactError(f"{path} lacks {TENSORS}; the artifact is incomplete.")
-    return manifest, load_file(str(tensor_path))
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{tensor_path} is not a readable safetensors file: {exc}") from exc
+    missing = sorted(set(manifest.get("tensors") or {}) - set(tensors))
+    if missing:
+        raise ArtifactError(
+            f"{tensor_path} lacks the tensors {missing} listed in {MANIFEST}; "
+            "the artifact is incomplete."
+        )
+    return manifest, tensors
 
 
 def check_model(manifest: dict[str, Any], lm: LoadedModel, directory: str | Path) -> None:

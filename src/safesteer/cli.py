@@ -246,6 +246,89 @@ def generate(
         console.print(response)
 
 
+@app.command("eval")
+def eval_command(
+    suite: Annotated[
+        str,
+        typer.Option(
+            help="scans-paper, xstest, oktest, repe, safeswitch-paper, capability, or file paths."
+        ),
+    ] = "scans-paper",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: default, prompt, scans, random.")
+    ] = "default,scans",
+    judge: Annotated[
+        str, typer.Option(help="Comma-separated: paper, strict, llm.")
+    ] = "paper,strict",
+    model: ModelOpt = None,
+    artifact: Annotated[Path | None, typer.Option(help="A fitted SCANS artifact.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Seeded sample of N prompts per subset.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
+    batch_size: BatchOpt = 16,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with non-bundled datasets (or SAFESTEER_DATA_DIR).")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where results are written.")] = Path(
+        "runs/eval"
+    ),
+    seed: SeedOpt = 0,
+    anchor_size: Annotated[int, typer.Option(help="Anchors per side when fitting.")] = 64,
+    repetition_penalty: Annotated[float, typer.Option(help="1.0 = off; paper: 1.1.")] = 1.0,
+    judge_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL for the llm judge (…/v1).")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Model name for the llm judge.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95 % intervals.")] = 1000,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Compare methods on a benchmark suite with one or more judges (resumable)."""
+    from safesteer.evaluation.evaluate import EvalOptions, evaluate
+    from safesteer.judges import JudgeRequestError
+    from safesteer.runner import RunError
+
+    options = EvalOptions(
+        suite=suite,
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        judges=[j.strip() for j in judge.split(",") if j.strip()],
+        model=model,
+        artifact=str(artifact) if artifact else None,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        output_dir=str(output_dir),
+        seed=seed,
+        anchor_size=anchor_size,
+        repetition_penalty=repetition_penalty,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        bootstrap=bootstrap,
+        dtype=dtype,
+        device=_device(device),
+        device_map=device_map,
+    )
+    with _user_errors(RunError, JudgeRequestError):
+        evaluate(options)
+    err.print(f"Results in {output_dir}; render them with `safesteer report {output_dir}`.")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="An output folder of `safesteer eval`.")],
+) -> None:
+    """Write report.md, report.json and PNG plots for an evaluation folder."""
+    from safesteer.evaluation.report import write_report
+
+    with _user_errors(FileNotFoundError):
+        written = write_report(run_dir)
+    for name, path in written.items():
+        err.print(f"{name}: {path}")
+
+
 @contextmanager
 def _user_errors(*extra: type[Exception]) -> Iterator[None]:
     """Turn expected errors into a one-line message and exit code 1 (no traceback)."""

@@ -6,7 +6,7 @@ cache they prefilled themselves (SCANS' shared prefix) and keep per-row state.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,3 +160,29 @@ def decode_texts(lm: LoadedModel, generated: Generated) -> list[str]:
         str(lm.tokenizer.decode(ids, skip_special_tokens=True)).strip()
         for ids in generated.token_ids
     ]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding), shortest first."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_batched(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    batch_size: int = 16,
+    on_batch: Callable[[list[int], list[str]], None] | None = None,
+) -> list[str]:
+    """Plain greedy generation over many encoded prompts in length-sorted batches."""
+    texts: list[str] = [""] * len(prompts)
+    for indices in length_sorted_batches([len(p) for p in prompts], batch_size):
+        batch_texts = decode_texts(lm, generate_ids(lm, [prompts[i] for i in indices], config))
+        for i, text in zip(indices, batch_texts, strict=True):
+            texts[i] = text
+        if on_batch is not None:
+            on_batch(indices, batch_texts)
+    return texts

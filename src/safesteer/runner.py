@@ -93,9 +93,14 @@ class RunOptions:
         return {k: getattr(self, k) for k in keep}
 
 
-def fit_or_load(lm: LoadedModel, options: RunOptions, out_dir: Path | None) -> ScansArtifact:
-    """Load ``options.artifact`` (checked against the model) or fit one from seeded anchors."""
-    fitted_before = out_dir / "artifact" if out_dir is not None else None
+def fit_or_load(
+    lm: LoadedModel, options: RunOptions, out_dir: Path | None, resuming: bool = False
+) -> ScansArtifact:
+    """Load ``options.artifact`` (checked against the model) or fit one from seeded anchors.
+
+    A fitted artifact is saved to ``out_dir/artifact``; a resumed run loads it from there.
+    """
+    fitted_before = out_dir / "artifact" if out_dir is not None and resuming else None
     if options.artifact:
         artifact = ScansArtifact.load(options.artifact, lm)
     elif fitted_before is not None and (fitted_before / "manifest.json").exists():
@@ -136,12 +141,15 @@ def apply_overrides(artifact: ScansArtifact, lm: LoadedModel, options: RunOption
     return artifact.with_settings(**changes) if changes else artifact
 
 
-def select_prompts(options: RunOptions, anchors: Sequence[str]) -> list[Prompt]:
+def select_prompts(
+    prompts: Sequence[Prompt], anchors: Sequence[str], options: RunOptions
+) -> list[Prompt]:
     """The test prompts: anchors removed, then a seeded sample keeping the safe/unsafe mix."""
-    prompts = load_test_set(options.test_data, exclude=anchors, data_dir=options.data_dir)
-    if not prompts:
-        raise RunError(f"test data {options.test_data!r} holds no prompts")
-    return stratified_sample(prompts, options.limit, options.seed)
+    excluded = {a.strip() for a in anchors}
+    kept = [p for p in prompts if p.text.strip() not in excluded]
+    if not kept:
+        raise RunError(f"test data {options.test_data!r} holds no prompts besides the anchors")
+    return stratified_sample(kept, options.limit, options.seed)
 
 
 def _row(index: int, prompt: Prompt, result: ScansResult) -> dict[str, Any]:
@@ -185,10 +193,11 @@ def _read_done(path: Path, prompts: Sequence[Prompt]) -> dict[int, dict[str, Any
     return done
 
 
-def _check_resume(out: Path, options: RunOptions) -> None:
+def _check_resume(out: Path, options: RunOptions) -> bool:
+    """True when ``out`` holds an unfinished or finished run with the same settings."""
     settings_path = out / "settings.json"
     if not (out / "responses.jsonl").exists() or not settings_path.exists():
-        return
+        return False
     previous = json.loads(settings_path.read_text()).get("resume_key")
     if previous != options.resume_key():
         changed = sorted(
@@ -198,6 +207,7 @@ def _check_resume(out: Path, options: RunOptions) -> None:
             f"{out} holds a run with other settings (changed: {', '.join(changed)}). "
             "Use another --output-dir, or delete the folder to start over."
         )
+    return True
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -260,7 +270,9 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
         raise RunError(f"unknown method {options.method!r}; use scans or none")
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_resume(out, options)
+    resuming = _check_resume(out, options)
+    # Read the test data first: a bad file fails before minutes of loading and fitting.
+    test_prompts = load_test_set(options.test_data, data_dir=options.data_dir)
     if lm is None:
         with console.status("Loading model"):
             lm = load_model(
@@ -269,9 +281,9 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
                 device=options.device,
                 device_map=options.device_map,
             )
-    artifact = fit_or_load(lm, options, out)
+    artifact = fit_or_load(lm, options, out, resuming)
     anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
-    prompts = select_prompts(options, anchors)
+    prompts = select_prompts(test_prompts, anchors, options)
     settings = {
         "safesteer_version": __version__,
         "options": asdict(options),
@@ -329,6 +341,10 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
                 on_batch=write,
             )
     ordered = [rows[i] for i in sorted(rows)]
+    # Rows were appended as batches finished (length-sorted); leave the file in prompt order.
+    tmp = responses_path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in ordered))
+    tmp.replace(responses_path)
     summary = summarise(ordered)
     summary["settings"] = {"method": options.method, **artifact.settings.to_json()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,12 +21,13 @@ import torch
 from torch.nn import functional as F
 
 from safesteer.activations import capture, forward, recording
-from safesteer.artifacts import check_model, load_artifact, save_artifact
+from safesteer.artifacts import ArtifactError, check_model, load_artifact, save_artifact
 from safesteer.generation import (
     Generated,
     GenerationConfig,
     decode_loop,
     generate_ids,
+    length_sorted_batches,
     new_cache,
     rollback,
 )
@@ -190,15 +191,26 @@ class ScansArtifact:
     def load(cls, directory: str | Path, lm: LoadedModel | None = None) -> ScansArtifact:
         """Load an artifact; with ``lm``, fail clearly if it was fitted on another model."""
         manifest, tensors = load_artifact(directory, "scans")
+        missing = [k for k in ("vectors", "reference", "layer_norms") if k not in tensors]
+        if missing:
+            raise ArtifactError(f"{directory} lacks the SCANS tensors {missing}; refit it.")
         if lm is not None:
             check_model(manifest, lm, directory)
+        try:
+            settings = ScansSettings.from_json(manifest["settings"])
+            anchors, fingerprint = manifest["anchors"], manifest["model_fingerprint"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(
+                f"{directory} has a malformed SCANS manifest (settings, anchors or model "
+                f"fingerprint missing or invalid: {exc!r}); refit it."
+            ) from exc
         return cls(
             vectors=tensors["vectors"],
             reference=tensors["reference"],
             layer_norms=tensors["layer_norms"],
-            settings=ScansSettings.from_json(manifest["settings"]),
-            anchors=manifest["anchors"],
-            model_fingerprint=manifest["model_fingerprint"],
+            settings=settings,
+            anchors=anchors,
+            model_fingerprint=fingerprint,
             calibration=manifest.get("calibration", {}),
         )
 
@@ -428,11 +440,6 @@ def _fused_batch(
     return decisions, generated
 
 
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def scans_generate(
     lm: LoadedModel,
     artifact: ScansArtifact,
@@ -454,7 +461,7 @@ def scans_generate(
     reply_ids = layout.reply_ids(artifact.settings.reply_prefix)
     encoded = [layout.prompt_ids(q) for q in queries]
     results: list[ScansResult | None] = [None] * len(queries)
-    for indices in _length_sorted_batches([len(e) for e in encoded], batch_size):
+    for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
         decisions, generated = _fused_batch(
             lm, artifact, [encoded[i] for i in indices], reply_ids, config, coefficients, direction
         )
@@ -495,7 +502,7 @@ def scans_generate_two_pass(
     layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
     encoded = [layout.prompt_ids(q) for q in queries]
     results: list[ScansResult | None] = [None] * len(queries)
-    for indices in _length_sorted_batches([len(e) for e in encoded], batch_size):
+    for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
         width = max(len(encoded[i]) for i in indices)
         batch_decisions = [decisions[i] for i in indices]
         with steering(lm, artifact.steering_vectors(), coefficients(batch_decisions), width - 1):

@@ -1,0 +1,1 @@
+"""Evaluation: reports, tables and plots of `safesteer eval` runs."""
