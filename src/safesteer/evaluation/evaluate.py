@@ -21,6 +21,13 @@ from rich.table import Table
 
 from safesteer import __version__
 from safesteer.datasets import Prompt, load_test_set, stratified_sample
+from safesteer.evaluation.capability_suite import (
+    CAPABILITY_METHODS,
+    CapabilitySettings,
+    headline,
+    print_capability,
+    run_capability,
+)
 from safesteer.evaluation.suites import Suite, answer_correct, benchmark_of, get_suite
 from safesteer.generation import GenerationConfig, generate_batched
 from safesteer.judges import Judge, LLMJudge, agreement, get_judge
@@ -375,12 +382,20 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def evaluate(options: EvalOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     """Run every method on the suite's prompts, judge, summarise; resumable."""
-    unknown = [m for m in options.methods if m not in METHODS]
-    if unknown:
-        raise RunError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    capability = options.suite == "capability"
+    if capability:
+        bad = [m for m in options.methods if m not in CAPABILITY_METHODS]
+        if bad:
+            raise RunError(
+                f"capability checks take methods {', '.join(CAPABILITY_METHODS)}, not {bad}"
+            )
+    else:
+        unknown = [m for m in options.methods if m not in METHODS]
+        if unknown:
+            raise RunError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     judges = build_judges(options)
-    suite = get_suite(options.suite)
-    all_prompts = load_suite_prompts(suite, options.data_dir)
+    suite = Suite("capability", ()) if capability else get_suite(options.suite)
+    all_prompts = [] if capability else load_suite_prompts(suite, options.data_dir)
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
@@ -410,6 +425,8 @@ def evaluate(options: EvalOptions, lm: LoadedModel | None = None) -> dict[str, A
         data_dir=options.data_dir,
     )
     artifact = fit_or_load(lm, run_options, out, resuming)
+    if capability:
+        return _evaluate_capability(options, lm, artifact, out, settings_path)
     anchors = {
         a.strip() for a in artifact.anchors.get("harmful", []) + artifact.anchors.get("benign", [])
     }
@@ -486,4 +503,66 @@ def evaluate(options: EvalOptions, lm: LoadedModel | None = None) -> dict[str, A
     summary = summarise(ordered, suite, options)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
+    return summary
+
+
+def _evaluate_capability(
+    options: EvalOptions,
+    lm: LoadedModel,
+    artifact: ScansArtifact,
+    out: Path,
+    settings_path: Path,
+) -> dict[str, Any]:
+    """The capability suite: perplexity, MMLU, XSum per method.
+
+    ``--limit N`` sets the perplexity windows, MMLU questions per subject and XSum articles.
+    """
+    limit = options.limit
+    settings = CapabilitySettings(
+        ppl_windows=limit if limit is not None else 16,
+        mmlu_per_subject=limit if limit is not None else 20,
+        xsum_articles=limit if limit is not None else 20,
+        xsum_new_tokens=options.max_new_tokens,
+        batch_size=min(options.batch_size, 8),
+    )
+    settings_path.write_text(
+        json.dumps(
+            {
+                "safesteer_version": __version__,
+                "suite": "capability",
+                "methods": options.methods,
+                "judges": [],
+                "options": asdict(options),
+                "resume_key": options.resume_key(),
+                "model": lm.name,
+                "scans": artifact.settings.to_json(),
+                "capability": asdict(settings),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    results = run_capability(
+        lm,
+        artifact,
+        options.methods,
+        out,
+        settings,
+        options.data_dir,
+        random_directions(artifact, options.seed),
+        options.seed,
+    )
+    table = headline(results)
+    summary: dict[str, Any] = {
+        "suite": "capability",
+        "metric": "capability",
+        "n_prompts": 0,
+        "methods": options.methods,
+        "judges": [],
+        "results": {},
+        "capability": results,
+        "capability_table": table,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_capability(table)
     return summary

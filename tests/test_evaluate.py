@@ -1,0 +1,156 @@
+"""`safesteer eval` on a tiny in-process model: methods side by side, judges, resume, report."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from safesteer.evaluation.evaluate import EvalOptions, evaluate, sample_per_subset
+from safesteer.evaluation.report import write_report
+from safesteer.evaluation.suites import SCANS_TABLE2
+from safesteer.model import LoadedModel
+from safesteer.runner import RunError
+
+
+@pytest.fixture
+def data_env(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SAFESTEER_DATA_DIR", str(shared_data))
+    return shared_data
+
+
+def _options(out: Path, **changes: Any) -> EvalOptions:
+    options = EvalOptions(
+        suite="scans-paper",
+        methods=["default", "scans", "random", "prompt"],
+        judges=["paper", "strict"],
+        limit=1,
+        max_new_tokens=3,
+        batch_size=8,
+        anchor_size=4,
+        output_dir=str(out),
+        bootstrap=50,
+    )
+    for key, value in changes.items():
+        setattr(options, key, value)
+    return options
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny(tiny_models: dict[str, LoadedModel]) -> LoadedModel:
+    return tiny_models["llama"]
+
+
+def test_scans_paper_suite_all_methods(tiny: LoadedModel, data_env: Path, tmp_path: Path) -> None:
+    summary = evaluate(_options(tmp_path), lm=tiny)
+    rows = _rows(tmp_path)
+    subsets = {r["subset"] for r in rows}
+    assert set(SCANS_TABLE2) <= subsets and {"harmfulq", "heldout-harmless"} <= subsets
+    assert len(rows) == 4 * len(subsets)  # one prompt per subset and method
+    by_method = {m: [r for r in rows if r["method"] == m] for m in summary["methods"]}
+    # same prompts for every method
+    prompts = {m: [r["prompt"] for r in v] for m, v in by_method.items()}
+    assert prompts["default"] == prompts["scans"] == prompts["random"] == prompts["prompt"]
+    # decisions are shared by default/scans/random (same classifier), none for prompt
+    assert [r["sigma"] for r in by_method["default"]] == [r["sigma"] for r in by_method["scans"]]
+    assert all(r["score"] is None for r in by_method["prompt"])
+    block = summary["results"]["scans"]["paper"]
+    assert sorted(block["main_subsets"]) == sorted(SCANS_TABLE2)
+    assert set(summary["agreement"]["scans"]) == {"paper~strict"}
+    assert summary["classifier"]["scans"] is not None
+    written = write_report(tmp_path)
+    assert written["markdown"].read_text().count("xstest-safe") >= 1
+
+
+def test_eval_resumes_after_interruption(tiny: LoadedModel, data_env: Path, tmp_path: Path) -> None:
+    options = _options(tmp_path, methods=["default", "scans"], suite="xstest", limit=3)
+    evaluate(options, lm=tiny)
+    rows = _rows(tmp_path)
+    assert len(rows) == 12
+    kept = rows[:5]
+    kept[0]["response"] = "SENTINEL"
+    (tmp_path / "responses.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in kept) + '{"method": "sc'
+    )
+    evaluate(options, lm=tiny)
+    again = _rows(tmp_path)
+    assert len(again) == 12
+    assert sorted((r["method"], r["id"]) for r in again) == sorted(
+        (r["method"], r["id"]) for r in rows
+    )
+    assert any(r["response"] == "SENTINEL" for r in again)
+    with pytest.raises(RunError, match="other settings"):
+        evaluate(_options(tmp_path, suite="xstest", limit=4), lm=tiny)
+
+
+def test_unknown_method_is_refused(tiny: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="unknown method"):
+        evaluate(_options(tmp_path, methods=["scans", "magic"]), lm=tiny)
+
+
+def test_limit_samples_per_subset(data_env: Path) -> None:
+    from safesteer.datasets import load_test_set
+
+    prompts = load_test_set("xstest")
+    sample = sample_per_subset(prompts, 5, seed=3)
+    assert sorted(p.subset for p in sample) == ["xstest-safe"] * 5 + ["xstest-unsafe"] * 5
+    assert sample == sample_per_subset(prompts, 5, seed=3)
+
+
+class _Judge(BaseHTTPRequestHandler):
+    replies: ClassVar[list[str]] = ["1", "garbled verdict", "0"]
+    count = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        reply = self.replies[type(self).count % len(self.replies)]
+        type(self).count += 1
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def judge_server() -> Iterator[str]:
+    server = HTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+
+
+def test_llm_judge_unparsable_is_counted_not_refused(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path, judge_server: str
+) -> None:
+    options = _options(
+        tmp_path,
+        suite="xstest",
+        methods=["default"],
+        judges=["paper", "llm"],
+        limit=3,
+        judge_url=judge_server,
+        judge_model="fake-judge",
+    )
+    summary = evaluate(options, lm=tiny)
+    verdicts = [r["judges"]["llm"] for r in _rows(tmp_path)]
+    assert verdicts.count(None) == 2  # every third reply is garbled
+    block = summary["results"]["default"]["llm"]["subsets"]
+    assert sum(s["n_unparsable"] for s in block.values()) == 2
+    assert sum(s["n_refused"] for s in block.values()) == verdicts.count(True)
+    assert summary["agreement"]["default"]["paper~llm"]["n_compared"] == 4
