@@ -76,8 +76,15 @@ def _residual_norm(lm: LoadedModel, prompts: list[list[int]], layer: int) -> flo
     return float(rec.states[layer].norm(dim=-1).mean())
 
 
+def _ours(hooks: dict[int, Any]) -> list[Any]:
+    # transformers installs its own persistent capture hooks once output_hidden_states is used
+    return [h for h in hooks.values() if not str(getattr(h, "__module__", "")).startswith("transf")]
+
+
 def _no_hooks_left(lm: LoadedModel) -> bool:
-    return not lm.model._forward_pre_hooks and all(not layer._forward_hooks for layer in lm.layers)
+    return not _ours(lm.model._forward_pre_hooks) and all(
+        not _ours(layer._forward_hooks) for layer in lm.layers
+    )
 
 
 # ---------------------------------------------------------------------------------------------
