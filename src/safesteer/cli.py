@@ -16,6 +16,8 @@ from rich.console import Console
 from safesteer import __version__
 from safesteer.artifacts import ArtifactError
 from safesteer.cli_datasets import datasets_app
+from safesteer.cli_organism import organism_app
+from safesteer.cli_safeswitch import chat_command, fit_safeswitch_command, generate_safeswitch
 from safesteer.datasets import DatasetError
 from safesteer.model import ModelLoadError
 
@@ -27,6 +29,9 @@ app = typer.Typer(
 fit_app = typer.Typer(help="Fit a method and write its artifact.", no_args_is_help=True)
 app.add_typer(fit_app, name="fit")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(organism_app, name="organism")
+fit_app.command("safeswitch")(fit_safeswitch_command)
+app.command("chat")(chat_command)
 err = Console(stderr=True)
 
 ModelOpt = Annotated[
@@ -201,8 +206,10 @@ def fit_scans_command(
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more user prompts.")],
     model: ModelOpt = None,
-    artifact: Annotated[Path | None, typer.Option(help="A fitted SCANS artifact.")] = None,
-    method: Annotated[str, typer.Option(help="none or scans.")] = "scans",
+    artifact: Annotated[
+        Path | None, typer.Option(help="A fitted SCANS (or, with safeswitch, SafeSwitch) artifact.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="none, scans or safeswitch.")] = "scans",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 128,
     repetition_penalty: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
     multiplier: Annotated[float | None, typer.Option(help="Steering strength alpha.")] = None,
@@ -216,9 +223,22 @@ def generate(
     from safesteer.model import load_model
     from safesteer.runner import RunError, RunOptions, decide_and_generate, fit_or_load
 
-    if method not in ("none", "scans"):
-        err.print(f"[red]unknown method {method!r}; use none or scans[/red]")
+    if method not in ("none", "scans", "safeswitch"):
+        err.print(f"[red]unknown method {method!r}; use none, scans or safeswitch[/red]")
         raise typer.Exit(2)
+    if method == "safeswitch":
+        with _user_errors(RunError):
+            generate_safeswitch(
+                prompts,
+                model,
+                artifact,
+                max_new_tokens,
+                repetition_penalty,
+                dtype,
+                _device(device),
+                device_map,
+            )
+        return
     with _user_errors(RunError):
         lm = load_model(model, dtype=dtype, device=_device(device), device_map=device_map)
         scans = None
@@ -255,13 +275,17 @@ def eval_command(
         ),
     ] = "scans-paper",
     methods: Annotated[
-        str, typer.Option(help="Comma-separated: default, prompt, scans, random.")
+        str,
+        typer.Option(help="Comma-separated: default, prompt, scans, random, safeswitch, head."),
     ] = "default,scans",
     judge: Annotated[
         str, typer.Option(help="Comma-separated: paper, strict, llm.")
     ] = "paper,strict",
     model: ModelOpt = None,
     artifact: Annotated[Path | None, typer.Option(help="A fitted SCANS artifact.")] = None,
+    safeswitch_artifact: Annotated[
+        Path | None, typer.Option(help="A SafeSwitch artifact (methods safeswitch, head).")
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Seeded sample of N prompts per subset.")
     ] = None,
@@ -296,6 +320,7 @@ def eval_command(
         judges=[j.strip() for j in judge.split(",") if j.strip()],
         model=model,
         artifact=str(artifact) if artifact else None,
+        safeswitch_artifact=str(safeswitch_artifact) if safeswitch_artifact else None,
         limit=limit,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,

@@ -160,6 +160,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a chat model: ``None``/``embedded`` (default), a local HF dir, a ``.gguf`` or a hub id.
 
+    ``organism`` loads the embedded model with the over-refusing LoRA adapter merged in
+    (:mod:`safesteer.model_organism`).
+
     ``device_map="auto"`` spreads a large model over the available GPUs (accelerate); otherwise the
     whole model goes to ``device``. ``layers_path`` overrides decoder-layer discovery
     (e.g. ``model.layers``).
@@ -169,8 +172,9 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     name = spec or "embedded"
+    organism = spec is not None and spec.lower() == "organism"
     try:
-        if spec is None or spec.lower() in EMBEDDED_NAMES:
+        if spec is None or spec.lower() in EMBEDDED_NAMES or organism:
             source: str | Path = _embedded_cached_dir()
             tok_kwargs: dict[str, Any] = {}
             name = EMBEDDED_ID
@@ -188,6 +192,11 @@ def load_model(
                 source = Path(spec).expanduser()
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if organism:  # the over-refusing LoRA organism: embedded base + merged adapter
+            from safesteer.model_organism import ORGANISM_ID, merge_adapter
+
+            model = merge_adapter(model)
+            name = ORGANISM_ID
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:

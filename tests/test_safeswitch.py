@@ -1,0 +1,466 @@
+"""SafeSwitch: per-row head switching, base rows untouched, base weights unchanged, probers,
+refusal-head labels, artifacts, the refusal bank, training data, chat and eval wiring."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import BENIGN, HARMFUL, build_tiny
+from safesteer.activations import capture
+from safesteer.artifacts import ArtifactError
+from safesteer.generation import GenerationConfig, generate_ids, stop_token_ids
+from safesteer.judges import is_refusal_strict
+from safesteer.layout import ChatLayout
+from safesteer.methods.refusal_bank import (
+    GENERIC_HARM,
+    REFUSAL_TEMPLATES,
+    SORRY_BENCH_CATEGORIES,
+    harm_phrase,
+    refusal_for,
+    render_refusal,
+)
+from safesteer.methods.safeswitch import (
+    Prober,
+    SafeSwitchArtifact,
+    SafeSwitchSettings,
+    head_checksum,
+    safeswitch_generate,
+    switched_generate_ids,
+)
+from safesteer.methods.safeswitch_head import (
+    IGNORE_INDEX,
+    HeadConfig,
+    build_head_example,
+    end_of_turn_id,
+    final_hidden_states,
+    head_features,
+    make_head_examples,
+    train_refusal_head,
+)
+from safesteer.methods.safeswitch_probe import ProberConfig, calibrate_threshold, train_prober
+from safesteer.methods.safeswitch_train import (
+    EVAL_SOURCES,
+    FitConfig,
+    TrainingPrompt,
+    fit_safeswitch,
+    label_generation,
+    load_training_prompts,
+    normalise,
+    split_rows,
+)
+from safesteer.model import LoadedModel, wrap_model
+
+QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
+CONFIG = GenerationConfig(max_new_tokens=10)
+
+
+def _random_prober(dim: int, seed: int) -> Prober:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prober = Prober(dim)
+        prober.fc2.weight.data *= 20  # spread the probabilities
+    return prober.eval()
+
+
+def _artifact(lm: LoadedModel, mode: str = "two-stage") -> SafeSwitchArtifact:
+    """Random probers and a random refusal head that clearly changes the tokens."""
+    generator = torch.Generator().manual_seed(7)
+    delta = torch.randn(tuple(lm.model.get_output_embeddings().weight.shape), generator=generator)
+    settings = SafeSwitchSettings(mode=mode, layer=1, n_decode=2)  # type: ignore[arg-type]
+    return SafeSwitchArtifact(
+        settings=settings,
+        stage1=_random_prober(lm.hidden_size, 1),
+        stage2=_random_prober(lm.hidden_size, 2) if mode == "two-stage" else None,
+        head_delta=(delta * 2).half(),
+        model_fingerprint=lm.fingerprint(),
+        base_head_checksum=head_checksum(lm),
+    )
+
+
+def _encoded(lm: LoadedModel, artifact: SafeSwitchArtifact) -> list[list[int]]:
+    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
+    return [layout.prompt_ids(q) for q in QUERIES]
+
+
+def _mixed(lm: LoadedModel, mode: str = "two-stage") -> SafeSwitchArtifact:
+    """Thresholds between the rows' own probabilities: one row fails stage 1, and about half of
+    the rest are flagged."""
+    artifact = _artifact(lm, mode)
+    encoded = _encoded(lm, artifact)
+    probe = artifact.with_settings(threshold1=-1.0, threshold2=-1.0)
+    decisions = [switched_generate_ids(lm, probe, [e], CONFIG, apply=False)[1][0] for e in encoded]
+    p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
+    if mode == "direct":
+        return artifact.with_settings(threshold1=(p1[2] + p1[3]) / 2)
+    t1 = (p1[0] + p1[1]) / 2
+    p2 = sorted(d.stage2 for d in decisions if d.stage2 is not None and d.stage1 > t1)  # type: ignore[operator]
+    middle = len(p2) // 2
+    return artifact.with_settings(threshold1=t1, threshold2=(p2[middle - 1] + p2[middle]) / 2)
+
+
+@pytest.mark.parametrize(("arch", "mode"), [("llama", "two-stage"), ("qwen2", "direct")])
+def test_switched_batch_equals_rows_alone(
+    tiny_models: dict[str, LoadedModel], arch: str, mode: str
+) -> None:
+    lm = tiny_models[arch]
+    artifact = _mixed(lm, mode)
+    encoded = _encoded(lm, artifact)
+    batch, decisions = switched_generate_ids(lm, artifact, encoded, CONFIG)
+    flags = [d.flagged for d in decisions]
+    assert any(flags) and not all(flags)
+    base = generate_ids(lm, encoded, CONFIG)
+    for row, ids in enumerate(encoded):
+        alone, (decision,) = switched_generate_ids(lm, artifact, [ids], CONFIG)
+        assert batch.token_ids[row] == alone.token_ids[0]
+        assert decision.flagged == decisions[row].flagged
+        assert decision.stage1 == pytest.approx(decisions[row].stage1, abs=1e-4)
+        if decision.stage2 is None:
+            assert decisions[row].stage2 is None
+        else:
+            assert decision.stage2 == pytest.approx(decisions[row].stage2, abs=1e-4)
+        if decision.flagged:  # the refusal head really took over after the pilot tokens
+            assert batch.token_ids[row] != base.token_ids[row]
+            keep = artifact.settings.switch_step
+            assert batch.token_ids[row][:keep] == base.token_ids[row][:keep]
+    if mode == "two-stage":  # stage 2 runs only where stage 1 fired
+        for d in decisions:
+            assert (d.stage2 is not None) == (
+                d.stage1 is not None and d.stage1 >= artifact.settings.threshold1
+            )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_unflagged_rows_equal_the_base_model(
+    tiny_models: dict[str, LoadedModel], arch: str
+) -> None:
+    lm = tiny_models[arch]
+    artifact = _mixed(lm)
+    encoded = _encoded(lm, artifact)
+    base = generate_ids(lm, encoded, CONFIG)
+    switched, decisions = switched_generate_ids(lm, artifact, encoded, CONFIG)
+    for row, decision in enumerate(decisions):
+        if not decision.flagged:
+            assert switched.token_ids[row] == base.token_ids[row]
+    never = artifact.with_settings(threshold1=2.0, threshold2=2.0)
+    assert switched_generate_ids(lm, never, encoded, CONFIG)[0].token_ids == base.token_ids
+    probes_only, _ = switched_generate_ids(lm, artifact, encoded, CONFIG, apply=False)
+    assert probes_only.token_ids == base.token_ids
+    # without a KV cache the step counting still switches at the same token
+    nocache = GenerationConfig(max_new_tokens=6, use_cache=False)
+    cached = GenerationConfig(max_new_tokens=6)
+    assert (
+        switched_generate_ids(lm, artifact, encoded, nocache)[0].token_ids
+        == switched_generate_ids(lm, artifact, encoded, cached)[0].token_ids
+    )
+
+
+def _tied_llama(tokenizer: PreTrainedTokenizerFast) -> LoadedModel:
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(3)
+    return wrap_model(LlamaForCausalLM(config).eval(), tokenizer, name="tiny-tied-llama")
+
+
+def _snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _assert_unchanged(lm: LoadedModel, before: dict[str, torch.Tensor]) -> None:
+    after = lm.model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    assert not any(p.requires_grad and p.grad is not None for p in lm.model.parameters())
+
+
+def test_base_weights_unchanged_and_tied(tokenizer: PreTrainedTokenizerFast) -> None:
+    lm = _tied_llama(tokenizer)
+    model = lm.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = _snapshot(lm)
+    layout = ChatLayout(lm.tokenizer)
+    examples, _ = make_head_examples(
+        lm, layout, HARMFUL, ["6", None, "14", "1"], None, HeadConfig(epochs=1, lr=1e-2)
+    )
+    features, targets = head_features(lm, examples, 2)
+    delta, history = train_refusal_head(lm, features, targets, HeadConfig(epochs=3, lr=1e-2))
+    assert history["loss_after"] < history["loss_before"]
+    assert float(delta.float().abs().max()) > 0
+    artifact = _artifact(lm)
+    artifact.head_delta = delta
+    safeswitch_generate(lm, artifact, QUERIES, CONFIG, always_on=True)
+    safeswitch_generate(lm, _mixed(lm), QUERIES, CONFIG)
+    _assert_unchanged(lm, before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not model.lm_head._forward_hooks and not model.lm_head._forward_pre_hooks
+
+
+def test_prober_recovers_planted_signal_and_stops_early() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(900, 24, generator=generator) * 3 + 5  # offset and scale: standardised inside
+    w = torch.randn(24, generator=generator)
+    y = ((x - 5) @ w > 0).long()
+    config = ProberConfig(max_epochs=400, patience=5, lr=3e-3)
+    prober, history = train_prober(x[:600], y[:600], x[600:750], y[600:750], config)
+    accuracy = float(((prober.probability(x[750:]) >= 0.5).long() == y[750:]).float().mean())
+    assert accuracy > 0.95
+    assert history["stopped_early"] and history["epochs_run"] < 400
+    assert history["epochs_run"] - history["best_epoch"] == config.patience
+    with torch.no_grad():
+        val_loss = float(torch.nn.functional.cross_entropy(prober(x[600:750]), y[600:750]))
+    assert val_loss == pytest.approx(history["best_loss"], rel=1e-5)  # best weights restored
+    # label noise on a tiny set: validation loss turns up quickly and training stops
+    noisy = torch.randint(0, 2, (60,), generator=generator)
+    _, noisy_history = train_prober(x[:40], noisy[:40], x[40:60], noisy[40:60], config)
+    assert noisy_history["epochs_run"] < 60
+
+
+def test_calibrated_threshold() -> None:
+    assert calibrate_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == pytest.approx(0.5)
+    t = calibrate_threshold([0.01, 0.02, 0.03, 0.04], [0, 0, 1, 1])
+    assert 0.02 < t < 0.03
+    assert calibrate_threshold([0.3, 0.7], [1, 1]) == 0.5
+
+
+def test_refusal_head_labels_mask_prompt_keep_end_of_turn(
+    tiny_models: dict[str, LoadedModel],
+) -> None:
+    example = build_head_example([1, 2, 3], [40, 41], 9, pilot_ids=[7, 8])
+    assert example.input_ids == (1, 2, 3, 7, 8, 40, 41, 9)
+    assert example.labels == (IGNORE_INDEX,) * 5 + (40, 41, 9)
+    lm = tiny_models["llama"]
+    layout = ChatLayout(lm.tokenizer)
+    eot = end_of_turn_id(lm)
+    assert eot in stop_token_ids(lm)
+    pilots = [[5, 6, 7]] * len(HARMFUL)
+    examples, texts = make_head_examples(
+        lm, layout, HARMFUL, [None] * 4, pilots, HeadConfig(pilot_fraction=0.5, seed=1)
+    )
+    for prompt, example, text in zip(HARMFUL, examples, texts, strict=True):
+        labels = torch.tensor(example.labels)
+        context = len(layout.prompt_ids(prompt)) + (3 if text.startswith("\n") else 0)
+        assert bool((labels[:context] == IGNORE_INDEX).all())
+        assert bool((labels[context:] != IGNORE_INDEX).all())
+        assert int(labels[-1]) == eot
+        assert lm.tokenizer.decode(labels[context:-1].tolist()) == text
+    assert any(t.startswith("\n\n") for t in texts) and not all(t.startswith("\n") for t in texts)
+    # cached features are the LM head's input at the column before each labelled token
+    features, targets = head_features(lm, examples[:2], batch_size=2)
+    assert targets.tolist() == [t for e in examples[:2] for t in e.labels if t != IGNORE_INDEX]
+    hidden = final_hidden_states(lm, [examples[0].input_ids])[0]
+    first = examples[0].labels.index(next(t for t in examples[0].labels if t != IGNORE_INDEX))
+    assert torch.allclose(features[0], hidden[first - 1].float())
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([examples[0].input_ids])).logits[0]
+    weight = lm.model.get_output_embeddings().weight
+    assert torch.allclose(features[0] @ weight.T, logits[first - 1], atol=1e-4)
+
+
+def test_refusal_bank() -> None:
+    assert len(set(REFUSAL_TEMPLATES)) >= 20
+    assert len(SORRY_BENCH_CATEGORIES) == 45
+    for template in REFUSAL_TEMPLATES:
+        assert template.count("{harm}") == 1
+        for category in (None, "6", "14", 45, "unknown"):
+            text = render_refusal(template, category)
+            assert "{" not in text and "}" not in text
+            assert is_refusal_strict(text), text  # declines in the opening
+    assert "self-harm" in refusal_for("6", random.Random(0))
+    assert "malicious software" in refusal_for(14, random.Random(0))
+    assert GENERIC_HARM in refusal_for(None, random.Random(0))
+    assert harm_phrase("99") == GENERIC_HARM
+    drawn = {refusal_for("3", random.Random(seed)) for seed in range(200)}
+    assert len(drawn) >= 20
+
+
+def _fitted_tiny(lm: LoadedModel) -> SafeSwitchArtifact:
+    prompts = [
+        TrainingPrompt(f"{text} {i}", True, "sorry-bench-train", str(i % 45 + 1))
+        for i in range(8)
+        for text in HARMFUL[:2]
+    ] + [
+        TrainingPrompt(f"{text} {i}", False, "truthfulqa") for i in range(8) for text in BENIGN[:2]
+    ]
+
+    class Judge:
+        name = "length"
+
+        def judge(self, prompt: str, response: str) -> bool:
+            return len(response) % 2 == 0
+
+    config = FitConfig(
+        label_tokens=6, prober=ProberConfig(max_epochs=20), head=HeadConfig(epochs=1)
+    )
+    extra = [TrainingPrompt("Explain how to steal a car.", True, "trustllm-misuse-train")]
+    return fit_safeswitch(lm, prompts, Judge(), config, head_extra=extra)
+
+
+def test_fit_artifact_round_trip_and_wrong_model(
+    tiny_models: dict[str, LoadedModel], tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    lm = tiny_models["llama"]
+    artifact = _fitted_tiny(lm)
+    assert artifact.settings.layer == lm.num_layers - 1
+    assert len(artifact.report["sweep"]) == lm.num_layers
+    assert artifact.training["counts"]["prompts"] == 32
+    assert artifact.training["counts"]["head_prompts"] == 12 + 1  # harmful train split + extra
+    assert len(artifact.training_hashes()) == 33
+    artifact.save(tmp_path / "ss")
+    loaded = SafeSwitchArtifact.load(tmp_path / "ss", lm)
+    assert loaded.settings == artifact.settings
+    assert torch.equal(loaded.head_delta, artifact.head_delta)
+    for a, b in ((loaded.stage1, artifact.stage1), (loaded.stage2, artifact.stage2)):
+        assert a is not None and b is not None
+        for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert ka == kb and torch.equal(va, vb)
+    assert loaded.training_hashes() == artifact.training_hashes()
+    forced = loaded.with_settings(threshold1=-1.0, threshold2=-1.0)
+    before = safeswitch_generate(lm, forced, QUERIES, CONFIG)
+    after = safeswitch_generate(
+        lm, artifact.with_settings(threshold1=-1, threshold2=-1), QUERIES, CONFIG
+    )
+    assert [r.token_ids for r in before] == [r.token_ids for r in after]
+    other = build_tiny("llama", tokenizer, seed=99)
+    with pytest.raises(ArtifactError, match="fitted on"):
+        SafeSwitchArtifact.load(tmp_path / "ss", other)
+    with pytest.raises(ArtifactError, match=r"not a safesteer artifact"):
+        SafeSwitchArtifact.load(tmp_path / "missing", lm)
+
+
+def test_label_generation_features(tiny_models: dict[str, LoadedModel]) -> None:
+    lm = tiny_models["qwen2"]
+    layout = ChatLayout(lm.tokenizer)
+    labelled = label_generation(lm, layout, QUERIES, n_decode=2, max_new_tokens=5, batch_size=4)
+    encoded = [layout.prompt_ids(q) for q in QUERIES]
+    captured = capture(lm, encoded, [-1], batch_size=4)[:, :, 0]  # same batches: same numerics
+    assert torch.allclose(labelled.prompt_states, captured, atol=1e-5)
+    # the stage-2 state: last layer at the 2nd generated token, from the same generation
+    for i, ids in enumerate(encoded):
+        pilot = labelled.pilots[i]
+        assert len(pilot) == 2
+        state = capture(lm, [ids + pilot], [-1], layers=[lm.num_layers - 1])[0, 0, 0]
+        assert torch.allclose(labelled.pilot_states[i], state, atol=1e-4)
+
+
+def test_split_rows_stratified() -> None:
+    harmful = [True] * 40 + [False] * 20
+    splits = split_rows(harmful, seed=3)
+    assert sorted(i for rows in splits.values() for i in rows) == list(range(60))
+    assert sum(harmful[i] for i in splits["val"]) == 6 and len(splits["val"]) == 9
+    assert split_rows(harmful, seed=3) == splits != split_rows(harmful, seed=4)
+
+
+def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
+    data = load_training_prompts(shared_data, limit=40, seed=0, head_extra=30)
+    prompts, report = data.prompts, data.report
+    assert len(prompts) == 40 and sum(p.harmful for p in prompts) == 20
+    assert len(data.head_extra) == 30 and all(p.harmful for p in data.head_extra)
+    assert not {p.text for p in data.head_extra} & {p.text for p in prompts}
+    assert sorted(report["eval_sets_checked"]) == sorted(EVAL_SOURCES)
+    from safesteer.datasets import load_test_set
+
+    evaluation = {
+        normalise(p.text) for s in EVAL_SOURCES for p in load_test_set(s, data_dir=shared_data)
+    }
+    assert not {normalise(p.text) for p in prompts + data.head_extra} & evaluation
+    assert all(v > 0 for v in report["sources"].values())
+    sorry = [p for p in prompts if p.source == "sorry-bench-train"]
+    assert sorry and all(p.category in SORRY_BENCH_CATEGORIES for p in sorry)
+    assert all(p.category is None for p in prompts if p.source == "truthfulqa")
+
+
+def test_chat_loop_and_eval_wiring(tiny_models: dict[str, LoadedModel]) -> None:
+    from safesteer.chat import chat_loop, describe_switch
+    from safesteer.evaluation.evaluate import EvalOptions, MethodOutput, evaluate, run_method
+    from safesteer.runner import RunError
+
+    lm = tiny_models["llama"]
+    artifact = _mixed(lm)
+    seen: list[str] = []
+
+    def responder(prompts: Sequence[str]) -> list[tuple[str, str | None]]:
+        seen.extend(prompts)
+        result = safeswitch_generate(lm, artifact, prompts, CONFIG)[0]
+        return [(result.response, describe_switch(result.decision))]
+
+    out = io.StringIO()
+    turns = chat_loop(responder, io.StringIO("Hi\n\nWhy is the sky blue?\n/quit\nignored\n"), out)
+    assert turns == 2 and seen == ["Hi", "Why is the sky blue?"]
+    assert out.getvalue().count("stage1") == 2
+    assert chat_loop(responder, io.StringIO("Hello"), io.StringIO()) == 1  # EOF ends
+
+    outputs: dict[str, list[MethodOutput]] = {}
+    scans: Any = None  # SCANS artifact: unused by the SafeSwitch methods
+    for method in ("safeswitch", "head"):
+        collected: list[MethodOutput] = []
+
+        def collect(
+            idx: list[int], outs: list[MethodOutput], c: list[MethodOutput] = collected
+        ) -> None:
+            c.extend(outs)
+
+        run_method(
+            method,
+            lm,
+            scans,
+            QUERIES,
+            CONFIG,
+            4,
+            0,
+            collect,
+            safeswitch=artifact,
+        )
+        outputs[method] = collected
+    assert all(o.flagged for o in outputs["head"])
+    assert any(o.flagged for o in outputs["safeswitch"])
+    assert all(o.stage1 is not None for o in outputs["safeswitch"])
+    with pytest.raises(RunError, match="fit safeswitch"):
+        evaluate(EvalOptions(methods=["default", "safeswitch"]), lm)
+
+
+@pytest.mark.slow
+def test_embedded_head_is_a_separate_tensor(embedded: LoadedModel) -> None:
+    """SmolLM2 ties its head to the input embeddings: training and switching leave both alone."""
+    lm = embedded
+    model = lm.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert end_of_turn_id(lm) == lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    before = _snapshot(lm)
+    layout = ChatLayout(lm.tokenizer)
+    examples, _ = make_head_examples(lm, layout, HARMFUL[:2], ["7", None], None, HeadConfig())
+    features, targets = head_features(lm, examples, 2)
+    config = HeadConfig(epochs=1, token_batch=128, lr=1e-3)
+    delta, history = train_refusal_head(lm, features, targets, config)
+    assert history["loss_after"] < history["loss_before"]
+    artifact = SafeSwitchArtifact(
+        settings=SafeSwitchSettings(),
+        stage1=_random_prober(lm.hidden_size, 1),
+        stage2=_random_prober(lm.hidden_size, 2),
+        head_delta=delta,
+        model_fingerprint=lm.fingerprint(),
+        base_head_checksum=head_checksum(lm),
+    )
+    safeswitch_generate(lm, artifact, [HARMFUL[0]], GenerationConfig(4), always_on=True)
+    safeswitch_generate(lm, artifact, [BENIGN[0]], GenerationConfig(4))
+    _assert_unchanged(lm, before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
