@@ -25,7 +25,7 @@ import torch
 from safesteer.generation import GenerationConfig, generate_batched
 from safesteer.judges import is_refusal_paper
 from safesteer.layout import ChatLayout
-from safesteer.model import LoadedModel, load_model, wrap_model
+from safesteer.model import EMBEDDED_ID, LoadedModel, load_model, wrap_model
 from safesteer.model_organism import (
     ADAPTER_FILE,
     ORGANISM_DIR,
@@ -139,6 +139,10 @@ def build(options: BuildOptions) -> dict[str, Any]:
     for extra in ("README.md",):  # peft writes a model card we do not ship
         (out / extra).unlink(missing_ok=True)
     adapter = out / ADAPTER_FILE
+    config_path = out / "adapter_config.json"  # no local cache path in the shipped config
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = EMBEDDED_ID
+    config_path.write_text(json.dumps(adapter_config, indent=2) + "\n", encoding="utf-8")
 
     merged = wrap_model(peft_model.merge_and_unload(), lm.tokenizer, name="organism")
     t2 = time.perf_counter()
