@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROCESS_START = time.time()
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,6 +46,9 @@ def build_parser(name: str, description: str, *, default_reps: int) -> argparse.
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and vectors")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     parser.set_defaults(default_reps=default_reps, bench_name=name)
     return parser
 
@@ -60,6 +64,8 @@ def finish_args(args: argparse.Namespace, *, quick_reps: int = 2) -> argparse.Na
         args.out = RESULTS_DIR / f"{args.bench_name}{suffix}"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return args
 
 
@@ -96,6 +102,7 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "memory_total_gib": _mem_total_gib(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -414,7 +421,7 @@ class Report:
         self.targets: list[Target] = []
         self.data: dict[str, Any] = {}
         self.notes: list[str] = []
-        self.started = time.time()
+        self.started = PROCESS_START
 
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         self.tables.append(
@@ -432,7 +439,7 @@ class Report:
         from rich.console import Console
         from rich.table import Table
 
-        console = Console()
+        console = Console(width=max(Console().width, 120))
         for spec in self.tables:
             table = Table(title=spec["title"])
             for column in spec["columns"]:
@@ -515,3 +522,15 @@ def mixed_queries(n: int, seed: int) -> list[str]:
     for h, b in zip(pool.harmful, pool.benign, strict=True):
         out.extend([h, b])
     return out[:n]
+
+
+def fit_artifact(lm: Any, anchors_per_side: int, seed: int) -> Any:
+    """A SCANS artifact fitted on ``anchors_per_side`` harmful and benign anchors (default
+    settings: depth-scaled layers, relative alpha, calibrated threshold)."""
+    from safesteer.datasets import draw_anchors
+    from safesteer.methods.scans import default_settings, fit_scans
+
+    anchors = draw_anchors(anchors_per_side, seed)
+    return fit_scans(
+        lm, anchors.harmful, anchors.benign, default_settings(lm.num_layers), seed=seed
+    )

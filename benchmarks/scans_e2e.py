@@ -1,0 +1,328 @@
+"""End-to-end SCANS (decision + steered generation, fused path) vs plain generation.
+
+Workloads on the same queries, repeated in alternating order, stop tokens disabled so every run
+decodes exactly N tokens:
+
+* ``plain``    – encode, ``generate_ids``, detokenise (no steering, no decision);
+* ``fused``    – ``scans_generate``: one prefill of the prompt prefix shared by the classifier and
+  the steered generation;
+* ``two_pass`` – ``scans_generate_two_pass`` (batched): a full classification forward, then a
+  steered generation with its own prefill (for reference);
+* ``merged``   – a prototype written here, not in the library (skip with ``--no-prototype``): the
+  fused path in two forwards instead of three. Prefill prompt + reply in one forward (the classifier
+  reads its states from it), roll the cache back to before the last prompt token and rerun that
+  token steered. It shows what merging the prefix and classification forwards would save; its
+  decisions and tokens are checked against ``fused``.
+
+The decision step's cost is reported in *prefill equivalents* three ways:
+
+* tokens:      (prompt-phase tokens of SCANS - prompt tokens) / prompt tokens, counted from the
+               attention masks of the forwards actually run (real tokens, padding excluded);
+* time, forwards: (time of SCANS' prompt-phase forwards - plain prefill) / plain prefill;
+* time, end-to-end: (SCANS total - plain total) / plain prefill (includes steering in decode).
+
+Target: <= 0.25 prefill equivalents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import (
+    Report,
+    Run,
+    Target,
+    build_parser,
+    finish_args,
+    fit_artifact,
+    fixed_length,
+    load_lm,
+    median,
+    mixed_queries,
+    paired_ratios,
+    summary,
+    time_call,
+)
+
+NAME = "scans_e2e"
+
+# Prompt-phase forwards per workload: the fused path runs the prefix, the [last token, reply]
+# classification chunk and the steered last token; two-pass runs the classification forward and
+# the generation prefill; plain runs one prefill.
+N_PREFILL = {"plain": 1, "fused": 3, "two_pass": 2, "merged": 2}
+
+
+def merged_fused(lm: Any, artifact: Any, queries: list[str], config: Any) -> list[Any]:
+    """Prototype: SCANS decision + steered generation for one batch in two prompt-phase forwards.
+
+    Returns ``(sigma, token_ids)`` per query (same order as ``queries``).
+    """
+    import torch
+
+    from safesteer.activations import forward, recording
+    from safesteer.generation import decode_loop, new_cache, rollback
+    from safesteer.layout import Batch, ChatLayout, left_pad
+    from safesteer.methods.scans import cosine_scores
+    from safesteer.steering import steering
+
+    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
+    reply = layout.reply_ids(artifact.settings.reply_prefix)
+    r = len(reply)
+    encoded = [layout.prompt_ids(q) for q in queries]
+    pad_id = int(lm.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        full = left_pad([e + reply for e in encoded], pad_id, lm.device)
+        width = full.width
+        cache = new_cache(lm)
+        with recording(lm, artifact.settings.cls_layers, [-1 - r, -1]) as rec:
+            forward(lm, full, past_key_values=cache, use_cache=True)
+        states = rec.stacked()
+        _, scores = cosine_scores(
+            states[:, :, 0] - states[:, :, 1], artifact.reference, artifact.settings.cls_layers
+        )
+        sigma = torch.where(scores >= artifact.settings.threshold, 1.0, -1.0)
+        rollback(cache, r + 1)
+        end = width - r  # columns of the generation prompt
+        prompt = Batch(
+            full.input_ids[:, :end], full.attention_mask[:, :end], full.position_ids[:, :end]
+        )
+        step = Batch(prompt.input_ids[:, -1:], prompt.attention_mask, prompt.position_ids[:, -1:])
+        with steering(lm, artifact.steering_vectors(), sigma, start_column=end - 1):
+            out = forward(lm, step, past_key_values=cache, use_cache=True)
+            generated = decode_loop(lm, prompt, out.logits[:, -1, :].float(), cache, config)
+    return [(int(s), ids) for s, ids in zip(sigma.tolist(), generated.token_ids, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = build_parser(NAME, __doc__ or NAME, default_reps=2)
+    parser.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 64 (quick: 16)")
+    parser.add_argument("--anchors", type=int, default=None, help="per side (default 32; quick 8)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.1)
+    parser.add_argument("--no-two-pass", action="store_true")
+    parser.add_argument(
+        "--no-prototype", action="store_true", help="skip the two-forward 'merged' prototype"
+    )
+    args = finish_args(parser.parse_args(argv))
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    anchors = args.anchors or (8 if args.quick else 32)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    from safesteer.generation import GenerationConfig, decode_texts, generate_ids
+    from safesteer.layout import ChatLayout
+    from safesteer.methods.scans import scans_generate, scans_generate_two_pass
+
+    lm = load_lm(args.device)
+    artifact = fit_artifact(lm, anchors, args.seed)
+    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
+    reply_len = len(layout.reply_ids(artifact.settings.reply_prefix))
+    config = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=args.repetition_penalty)
+    warm = GenerationConfig(max_new_tokens=2, repetition_penalty=args.repetition_penalty)
+    queries_all = mixed_queries(max(batch_sizes), args.seed)
+
+    report = Report(
+        NAME,
+        args,
+        {
+            "model": lm.name,
+            "dtype": str(lm.dtype),
+            "batch_sizes": batch_sizes,
+            "new_tokens": new_tokens,
+            "repetition_penalty": args.repetition_penalty,
+            "anchors_per_side": anchors,
+            "reply_prefix": artifact.settings.reply_prefix,
+            "reply_prefix_tokens": reply_len,
+            "steer_layers": list(artifact.settings.steer_layers),
+            "cls_layers": list(artifact.settings.cls_layers),
+            "stop_tokens": "disabled (fixed-length decoding)",
+        },
+    )
+    main_rows: list[list[Any]] = []
+    cost_rows: list[list[Any]] = []
+    breakdown_rows: list[list[Any]] = []
+    agreement: dict[int, dict[str, int]] = {}
+    worst: dict[str, float] = {}
+    for bs in batch_sizes:
+        queries = queries_all[:bs]
+
+        def plain(cfg: GenerationConfig = config, qs: list[str] = queries) -> Any:
+            with fixed_length():
+                encoded = [layout.prompt_ids(q) for q in qs]
+                return decode_texts(lm, generate_ids(lm, encoded, cfg))
+
+        def fused(cfg: GenerationConfig = config, qs: list[str] = queries, b: int = bs) -> Any:
+            with fixed_length():
+                return scans_generate(lm, artifact, qs, cfg, batch_size=b)
+
+        def two_pass(cfg: GenerationConfig = config, qs: list[str] = queries, b: int = bs) -> Any:
+            with fixed_length():
+                return scans_generate_two_pass(lm, artifact, qs, cfg, batch_size=b)
+
+        workloads = {"plain": plain, "fused": fused}
+        if not args.no_two_pass:
+            workloads["two_pass"] = two_pass
+
+        def merged(cfg: GenerationConfig = config, qs: list[str] = queries) -> Any:
+            with fixed_length():
+                return merged_fused(lm, artifact, qs, cfg)
+
+        if not args.no_prototype:
+            workloads["merged"] = merged
+            with fixed_length():
+                ref = scans_generate(lm, artifact, queries, config, batch_size=bs)
+            proto = merged(config)
+            agreement[bs] = {
+                "decisions_equal": sum(
+                    a.decision.sigma == b[0] for a, b in zip(ref, proto, strict=True)
+                ),
+                "tokens_equal": sum(a.token_ids == b[1] for a, b in zip(ref, proto, strict=True)),
+                "rows": bs,
+            }
+        for fn in workloads.values():
+            fn(warm)
+        runs: dict[str, list[Run]] = {n: [] for n in workloads}
+        names = list(workloads)
+        for rep in range(args.reps):
+            for name in names if rep % 2 == 0 else names[::-1]:
+                run, _ = time_call(
+                    workloads[name],
+                    lm.model,
+                    args.device,
+                    n_prefill=N_PREFILL[name],
+                    new_tokens=new_tokens,
+                )
+                runs[name].append(run)
+
+        base = runs["plain"]
+        per_method: dict[str, Any] = {}
+        for name in names:
+            rs = runs[name]
+            tokens = [
+                (r.prefill_real_tokens - p.prefill_real_tokens) / p.prefill_real_tokens
+                for r, p in zip(rs, base, strict=True)
+            ]
+            positions = [
+                (r.prefill_positions - p.prefill_positions) / p.prefill_positions
+                for r, p in zip(rs, base, strict=True)
+            ]
+            fwd_time = [(r.prefill - p.prefill) / p.prefill for r, p in zip(rs, base, strict=True)]
+            e2e_time = [(r.total - p.total) / p.prefill for r, p in zip(rs, base, strict=True)]
+            total_ratio = paired_ratios([r.total for r in rs], [p.total for p in base])
+            decode_ratio = paired_ratios(
+                [p.decode_tokens_per_s for p in base], [r.decode_tokens_per_s for r in rs]
+            )
+            per_method[name] = {
+                "runs": [r.to_json() for r in rs],
+                "total_vs_plain": summary(total_ratio),
+                "decode_slowdown_vs_plain": summary(decode_ratio),
+                "prefill_equiv_tokens": summary(tokens),
+                "prefill_equiv_padded_positions": summary(positions),
+                "prefill_equiv_forward_time": summary(fwd_time),
+                "prefill_equiv_end_to_end_time": summary(e2e_time),
+            }
+            main_rows.append(
+                [
+                    bs,
+                    name,
+                    median([r.total for r in rs]),
+                    median(total_ratio),
+                    median([1e3 * r.prefill for r in rs]),
+                    median([r.decode_tokens_per_s for r in rs]),
+                    median(decode_ratio),
+                ]
+            )
+            if name != "plain":
+                cost_rows.append(
+                    [
+                        bs,
+                        name,
+                        median(tokens),
+                        median(positions),
+                        median(fwd_time),
+                        median(e2e_time),
+                    ]
+                )
+        fused_runs = runs["fused"]
+        breakdown = [
+            median(
+                [r.forward_seconds[k] / p.prefill for r, p in zip(fused_runs, base, strict=True)]
+            )
+            for k in range(3)
+        ]
+        breakdown_rows.append([bs, *breakdown, breakdown[1] + breakdown[2]])
+        per_method["fused"]["forward_breakdown_in_prefills"] = breakdown
+        report.data[f"batch_{bs}"] = {
+            "prompt_tokens": [len(layout.prompt_ids(q)) for q in queries],
+            "methods": per_method,
+        }
+        fused_cost = per_method["fused"]
+        for key in ("prefill_equiv_tokens", "prefill_equiv_forward_time"):
+            worst[f"{key}@{bs}"] = fused_cost[key]["median"]
+
+    report.table(
+        f"SCANS end to end ({new_tokens} new tokens, medians of {args.reps} interleaved reps)",
+        [
+            "batch",
+            "workload",
+            "total s",
+            "total vs plain",
+            "prompt phase ms",
+            "decode tok/s",
+            "decode slowdown",
+        ],
+        main_rows,
+    )
+    report.table(
+        "Decision cost in prefill equivalents (extra over plain / plain prefill)",
+        ["batch", "workload", "tokens", "padded positions", "forward time", "end-to-end time"],
+        cost_rows,
+    )
+    report.table(
+        "Fused path forwards, each in plain prefills of the same batch",
+        [
+            "batch",
+            "prefix (prompt - 1)",
+            "cls chunk (last + reply)",
+            "steered last",
+            "chunk + last",
+        ],
+        breakdown_rows,
+    )
+    for bs in batch_sizes:
+        report.target(
+            Target(
+                f"decision cost, tokens, batch {bs}",
+                worst[f"prefill_equiv_tokens@{bs}"],
+                0.25,
+                "<=",
+                "prefills",
+            )
+        )
+        report.target(
+            Target(
+                f"decision cost, forward time, batch {bs}",
+                worst[f"prefill_equiv_forward_time@{bs}"],
+                0.25,
+                "<=",
+                "prefills",
+            )
+        )
+    if agreement:
+        report.data["merged_vs_fused_agreement"] = {str(k): v for k, v in agreement.items()}
+        report.table(
+            "Prototype 'merged' vs library 'fused': agreement",
+            ["batch", "decisions equal", "token ids equal", "rows"],
+            [
+                [bs, a["decisions_equal"], a["tokens_equal"], a["rows"]]
+                for bs, a in agreement.items()
+            ],
+        )
+    report.note(
+        "prompt phase = from the first forward's start to the end of the last prompt-phase forward "
+        f"({N_PREFILL} forwards per workload), host work between them included."
+    )
+    return report.emit()
+
+
+if __name__ == "__main__":
+    main()
