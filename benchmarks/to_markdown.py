@@ -15,7 +15,8 @@ from benchmarks.common import fmt
 
 
 def _row(cells: list[Any]) -> str:
-    return "| " + " | ".join("" if c is None else fmt(c) for c in cells) + " |"
+    text = ("" if c is None else fmt(c).replace("|", "\\|") for c in cells)
+    return "| " + " | ".join(text) + " |"
 
 
 def render(payload: dict[str, Any]) -> str:

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     report.table(
         "Agreement",
-        ["check", "agree", "of", "max |score diff|"],
+        ["check", "agree", "of", "max abs score diff"],
         [
             ["decision: batch-1 baseline vs fused", agree_sub, len(base_idx), score_diff_sub],
             ["decision: classify() batched vs fused", agree_all, len(queries), score_diff_all],

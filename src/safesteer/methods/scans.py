@@ -398,45 +398,33 @@ def _fused_batch(
     coefficients: Coefficients,
     direction: torch.Tensor | None,
 ) -> tuple[list[ScansDecision], Generated]:
-    """Decision and steered decoding sharing one prefill of the prompt prefix.
+    """Decision and steered decoding sharing one prefill.
 
-    1. prefill every prompt but its last token (unsteered), keeping the KV cache;
-    2. run [last prompt token, reply prefix] on it and read the states at both ends (classifier);
-    3. crop the cache back to the prefix and rerun the last prompt token steered, then decode.
-    Extra work over plain generation: ``len(reply_prefix) + 1`` tokens per row.
+    1. prefill every prompt followed by the reply prefix (unsteered) in one forward, keeping the KV
+       cache, and read the classifier's states at the last prompt token and the reply's end;
+    2. roll the cache back by ``len(reply_prefix) + 1`` tokens (to just before the last prompt
+       token) and rerun that token steered, then decode with steering on.
+    Extra work over plain generation: ``len(reply_prefix) + 1`` tokens per row, one extra forward.
     """
     pad_id = int(lm.tokenizer.pad_token_id)
-    prefix = left_pad([ids[:-1] for ids in encoded], pad_id, lm.device)
-    width = prefix.width
-    last = torch.tensor([[ids[-1]] for ids in encoded], device=lm.device)
-    rows = len(encoded)
+    reply_len = len(reply_ids)
+    batch = left_pad([ids + reply_ids for ids in encoded], pad_id, lm.device)
     cache = new_cache(lm)
-    if width > 0:
-        forward(lm, prefix, past_key_values=cache, use_cache=True)
-    next_pos = prefix.position_ids[:, -1:] + prefix.attention_mask[:, -1:] if width else None
-    if next_pos is None:
-        next_pos = torch.zeros((rows, 1), dtype=torch.long, device=lm.device)
-    # 2. classification chunk
-    reply = torch.tensor([reply_ids] * rows, device=lm.device)
-    chunk_ids = torch.cat([last, reply], dim=1)
-    chunk_len = chunk_ids.shape[1]
-    chunk_pos = next_pos + torch.arange(chunk_len, device=lm.device)[None, :]
-    chunk_mask = torch.cat([prefix.attention_mask, torch.ones_like(chunk_ids)], dim=1)
-    with recording(lm, artifact.settings.cls_layers, [0, chunk_len - 1]) as rec:
-        forward(lm, Batch(chunk_ids, chunk_mask, chunk_pos), past_key_values=cache, use_cache=True)
+    with recording(lm, artifact.settings.cls_layers, [-1 - reply_len, -1]) as rec:
+        forward(lm, batch, past_key_values=cache, use_cache=True)
     states = rec.stacked()
     decisions = _decisions(artifact, states[:, :, 0], states[:, :, 1])
-    # 3. roll back and decode with steering from the last prompt token on
-    rollback(cache, chunk_len)
-    full = Batch(
-        torch.cat([prefix.input_ids, last], dim=1),
-        torch.cat([prefix.attention_mask, torch.ones_like(last)], dim=1),
-        torch.cat([prefix.position_ids, next_pos], dim=1),
+    rollback(cache, reply_len + 1)
+    last_column = batch.width - reply_len - 1  # every row's last prompt token (left padding)
+    prompt = Batch(
+        batch.input_ids[:, : last_column + 1],
+        batch.attention_mask[:, : last_column + 1],
+        batch.position_ids[:, : last_column + 1],
     )
-    step = Batch(last, full.attention_mask, next_pos)
-    with steering(lm, artifact.steering_vectors(direction), coefficients(decisions), width):
+    step = Batch(prompt.input_ids[:, -1:], prompt.attention_mask, prompt.position_ids[:, -1:])
+    with steering(lm, artifact.steering_vectors(direction), coefficients(decisions), last_column):
         out = forward(lm, step, past_key_values=cache, use_cache=True)
-        generated = decode_loop(lm, full, out.logits[:, -1, :].float(), cache, config)
+        generated = decode_loop(lm, prompt, out.logits[:, -1, :].float(), cache, config)
     return decisions, generated
 
 
