@@ -65,6 +65,21 @@ class ChunkTracker:
         self._handle.remove()
 
 
+class TrackedHooks:
+    """Forward hooks that need to know where each chunk starts; all removed together."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._tracker = ChunkTracker(model)
+        self._handles: list[RemovableHandle] = []
+
+    def remove(self) -> None:
+        """Remove every hook and the chunk tracker; the model behaves as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._tracker.remove()
+
+
 class Recorder:
     """Records float32 copies of chosen decoder-layer outputs at chosen chunk columns."""
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from safesteer.activations import ChunkTracker, hidden_of, with_hidden
+from safesteer.activations import TrackedHooks, hidden_of, with_hidden
 from safesteer.model import LoadedModel
 
 
-class Steerer:
+class Steerer(TrackedHooks):
     """Adds per-row steering vectors to decoder-layer outputs until :meth:`remove` is called."""
 
     def __init__(
@@ -33,8 +32,7 @@ class Steerer:
             raise ValueError("coefficients must be a 1-D tensor with one value per batch row")
         self.start_column = start_column
         self.batch_size = int(coefficients.shape[0])
-        self._tracker = ChunkTracker(lm.model)
-        self._handles: list[RemovableHandle] = []
+        super().__init__(lm.model)
         for layer, vector in vectors.items():
             if not 0 <= layer < lm.num_layers:
                 self.remove()
@@ -67,13 +65,6 @@ class Steerer:
             return with_hidden(output, hidden + delta * scope)
 
         return hook
-
-    def remove(self) -> None:
-        """Remove every hook; the model is unsteered afterwards."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._tracker.remove()
 
 
 @contextmanager

@@ -26,9 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.hooks import RemovableHandle
 
-from safesteer.activations import ChunkTracker, hidden_of
+from safesteer.activations import ChunkTracker, TrackedHooks, hidden_of
 from safesteer.artifacts import ArtifactError, check_model, load_artifact, save_artifact
 from safesteer.generation import Generated, GenerationConfig, generate_ids, length_sorted_batches
 from safesteer.layout import ChatLayout
@@ -292,7 +291,7 @@ def generated_count(tracker: ChunkTracker, prompt_width: int) -> int:
     return tracker.start + tracker.width - prompt_width
 
 
-class Switcher:
+class Switcher(TrackedHooks):
     """Per-row head switching inside one batched generation, with removable hooks.
 
     - a hook on the stage-1 layer records its state at the last column during the prefill;
@@ -331,8 +330,7 @@ class Switcher:
         self._stage2_state: torch.Tensor | None = None
         self._weight = artifact.refusal_weight(lm) if apply else None
         self._bias = head_bias(lm)
-        self._tracker = ChunkTracker(lm.model)
-        self._handles: list[RemovableHandle] = []
+        super().__init__(lm.model)
         last = lm.num_layers - 1
         if not always_on:
             for layer in sorted({self.layer, last}):
@@ -415,13 +413,6 @@ class Switcher:
             flagged = bool(self.flagged[row]) if self.flagged is not None else False
             out.append(SwitchDecision(p1, p2, flagged))
         return out
-
-    def remove(self) -> None:
-        """Remove every hook; the model behaves as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._tracker.remove()
 
 
 @contextmanager

@@ -23,9 +23,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from safesteer.activations import ChunkTracker, hidden_of
+from safesteer.activations import TrackedHooks, hidden_of
 from safesteer.datasets import DatasetError, Prompt, load_test_set
 from safesteer.generation import GenerationConfig, generate_ids, length_sorted_batches
 from safesteer.judges import Judge, judge_all
@@ -211,7 +210,7 @@ def split_rows(
 # labelling generation with feature capture
 
 
-class _LabelHooks:
+class _LabelHooks(TrackedHooks):
     """Every layer at the last prompt token (prefill) and the last layer at the ``n_decode``-th
     generated token, recorded during one ordinary generation."""
 
@@ -221,10 +220,10 @@ class _LabelHooks:
         self.last = lm.num_layers - 1
         self.prompt_states: dict[int, torch.Tensor] = {}
         self.pilot_state: torch.Tensor | None = None
-        self._tracker = ChunkTracker(lm.model)
-        self._handles: list[RemovableHandle] = [
+        super().__init__(lm.model)
+        self._handles.extend(
             layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(lm.layers)
-        ]
+        )
 
     def _hook(self, layer: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -236,12 +235,6 @@ class _LabelHooks:
                 self.pilot_state = hidden[:, -1, :].detach().to("cpu", torch.float32)
 
         return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._tracker.remove()
 
 
 @dataclass
