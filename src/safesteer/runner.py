@@ -93,6 +93,17 @@ class RunOptions:
         return {k: getattr(self, k) for k in keep}
 
 
+def load_model_for(options: RunOptions | Any) -> LoadedModel:
+    """Load the model named by a run's (or evaluation's) options, with a status line."""
+    with console.status("Loading model"):
+        return load_model(
+            options.model,
+            dtype=options.dtype,
+            device=options.device,
+            device_map=options.device_map,
+        )
+
+
 def fit_or_load(
     lm: LoadedModel, options: RunOptions, out_dir: Path | None, resuming: bool = False
 ) -> ScansArtifact:
@@ -274,13 +285,7 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     # Read the test data first: a bad file fails before minutes of loading and fitting.
     test_prompts = load_test_set(options.test_data, data_dir=options.data_dir)
     if lm is None:
-        with console.status("Loading model"):
-            lm = load_model(
-                options.model,
-                dtype=options.dtype,
-                device=options.device,
-                device_map=options.device_map,
-            )
+        lm = load_model_for(options)
     artifact = fit_or_load(lm, options, out, resuming)
     anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
     prompts = select_prompts(test_prompts, anchors, options)

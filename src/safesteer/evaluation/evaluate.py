@@ -41,8 +41,8 @@ from safesteer.metrics import (
     refusal_rate_ci,
     refusal_rates,
 )
-from safesteer.model import LoadedModel, load_model
-from safesteer.runner import RunError, RunOptions, fit_or_load
+from safesteer.model import LoadedModel
+from safesteer.runner import RunError, RunOptions, fit_or_load, load_model_for
 
 log = logging.getLogger(__name__)
 SAFESWITCH_FIT = "fit one with `safesteer fit safeswitch --out DIR`"
@@ -451,13 +451,7 @@ def evaluate(options: EvalOptions, lm: LoadedModel | None = None) -> dict[str, A
             )
         resuming = True
     if lm is None:
-        with console.status("Loading model"):
-            lm = load_model(
-                options.model,
-                dtype=options.dtype,
-                device=options.device,
-                device_map=options.device_map,
-            )
+        lm = load_model_for(options)
     run_options = RunOptions(
         artifact=options.artifact,
         anchor_size=options.anchor_size,

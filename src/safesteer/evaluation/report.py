@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safesteer.evaluation.suites import SCANS_TABLE2
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -48,16 +50,7 @@ PLOT_FILES = {
 DPI = 120
 
 # Column order of SCANS Table 2, then the paired sets the main table omits, then SafeSwitch's sets.
-TABLE2_SUBSETS = (
-    "xstest-safe",
-    "xstest-unsafe",
-    "repe-safe",
-    "repe-unsafe",
-    "oktest",
-    "truthfulqa",
-    "advbench",
-    "malicious",
-)
+TABLE2_SUBSETS = SCANS_TABLE2
 _KNOWN_ORDER = (
     *TABLE2_SUBSETS,
     "harmfulq",
