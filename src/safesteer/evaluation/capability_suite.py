@@ -6,6 +6,7 @@ run skips finished checks.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,24 +88,17 @@ def run_capability(
             except json.JSONDecodeError:
                 continue
             done[(row["method"], row["check"])] = row["result"]
+    wikitext = functools.partial(
+        perplexity,
+        lm,
+        data_dir=data_dir,
+        window=settings.ppl_window,
+        max_windows=settings.ppl_windows,
+        batch_size=settings.batch_size,
+    )
     checks: dict[str, Callable[[Intervention | None], dict[str, Any]]] = {
-        "perplexity": lambda iv: perplexity(
-            lm,
-            data_dir=data_dir,
-            window=settings.ppl_window,
-            max_windows=settings.ppl_windows,
-            batch_size=settings.batch_size,
-            intervention=iv,
-        ),
-        "perplexity_chat": lambda iv: perplexity(
-            lm,
-            data_dir=data_dir,
-            window=settings.ppl_window,
-            max_windows=settings.ppl_windows,
-            batch_size=settings.batch_size,
-            intervention=iv,
-            variant="chat",
-        ),
+        "perplexity": lambda iv: wikitext(intervention=iv),
+        "perplexity_chat": lambda iv: wikitext(intervention=iv, variant="chat"),
         "mmlu": lambda iv: mmlu(
             lm,
             data_dir=data_dir,
