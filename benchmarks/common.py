@@ -137,7 +137,7 @@ def _mem_total_gib() -> float | None:
 
 def load_lm(device: str) -> Any:
     """Load the embedded model on ``device`` (float32 on CPU, the loader's default elsewhere)."""
-    from safesteer.model import load_model
+    from safesteer.models import load_model
 
     return load_model(device=device)
 

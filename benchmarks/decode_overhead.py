@@ -73,7 +73,7 @@ def hook_microbenchmark(lm: Any, vectors: dict[int, Any], rows: int, iters: int)
     A model of ``num_layers`` identity layers called like a decode step (``[rows, 1, hidden]``),
     timed without hooks and with a real ``Steerer`` (tracker pre-hook + a hook per steering layer).
     """
-    from safesteer.model import LoadedModel
+    from safesteer.models import LoadedModel
     from safesteer.steering import steering
 
     class Identity(nn.Module):

@@ -34,7 +34,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from safesteer.model import LoadedModel, load_model, wrap_model
+from safesteer.models import LoadedModel, load_model, wrap_model
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -266,7 +266,7 @@ def tiny_models(tokenizer: PreTrainedTokenizerFast) -> dict[str, LoadedModel]:
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (float32, CPU); skip when it is not installed."""
-    from safesteer.model import ModelLoadError
+    from safesteer.models import ModelLoadError
 
     try:
         return load_model()

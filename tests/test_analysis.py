@@ -6,7 +6,7 @@ import torch
 
 from safesteer.analysis import LayerTokens, suggest_layers, vocabulary_projection
 from safesteer.methods.scans import ScansArtifact, default_settings
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 
 def _artifact(lm: LoadedModel, vectors: torch.Tensor) -> ScansArtifact:

@@ -35,7 +35,7 @@ from safesteer.evaluation.capability import (
 )
 from safesteer.layout import ChatLayout
 from safesteer.methods.scans import ScansSettings, classify, fit_scans
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT = " ".join(CORPUS)

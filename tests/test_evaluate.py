@@ -14,7 +14,7 @@ import pytest
 from safesteer.evaluation.evaluate import EvalOptions, evaluate, sample_per_subset
 from safesteer.evaluation.report import write_report
 from safesteer.evaluation.suites import SCANS_TABLE2
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 from safesteer.runner import RunError
 
 

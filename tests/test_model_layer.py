@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import ARCH_NAMES, BENIGN, HARMFUL, LAYERS_PATHS, build_tiny
 from safesteer.activations import forward
 from safesteer.layout import PLAIN_TEMPLATE, ChatLayout, EncodedPrompt, left_pad
-from safesteer.model import LoadedModel, ModelLoadError, find_decoder_layers, wrap_model
+from safesteer.models import LoadedModel, ModelLoadError, find_decoder_layers, wrap_model
 
 # ---------------------------------------------------------------------------------------------
 # Decoder-layer discovery

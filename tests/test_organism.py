@@ -131,7 +131,7 @@ def test_packaged_adapter_matches_its_note() -> None:
 
 @pytest.mark.slow
 def test_organism_loads_merged_and_differs_from_base() -> None:
-    from safesteer.model import EMBEDDED_ID, ModelLoadError, load_model
+    from safesteer.models import EMBEDDED_ID, ModelLoadError, load_model
 
     if not (ORGANISM_DIR / ADAPTER_FILE).is_file():
         pytest.skip("organism adapter not built")

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from safesteer.cli import app
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 from safesteer.runner import RunError, RunOptions, run
 
 pytestmark = pytest.mark.slow

@@ -56,7 +56,7 @@ from safesteer.methods.safeswitch_train import (
     normalise,
     split_rows,
 )
-from safesteer.model import LoadedModel, wrap_model
+from safesteer.models import LoadedModel, wrap_model
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=10)

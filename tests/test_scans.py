@@ -30,7 +30,7 @@ from safesteer.methods.scans import (
     scans_generate_two_pass,
     unsteered,
 )
-from safesteer.model import LoadedModel, wrap_model
+from safesteer.models import LoadedModel, wrap_model
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 

@@ -16,7 +16,7 @@ from conftest import ARCH_NAMES, BENIGN, HARMFUL
 from safesteer.activations import forward, hidden_of, recording, with_hidden
 from safesteer.generation import Generated, GenerationConfig, generate_ids
 from safesteer.layout import ChatLayout, left_pad
-from safesteer.model import LoadedModel, wrap_model
+from safesteer.models import LoadedModel, wrap_model
 from safesteer.steering import Steerer, steering
 
 

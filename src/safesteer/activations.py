@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from safesteer.layout import Batch, left_pad
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 
 def hidden_of(output: Any) -> torch.Tensor:

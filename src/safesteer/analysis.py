@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from safesteer.methods.scans import ScansArtifact
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 REFUSAL_WORDS = (
     "cannot",

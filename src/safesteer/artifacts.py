@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from safesteer import __version__
-from safesteer.model import LoadedModel, fingerprint_mismatch
+from safesteer.models import LoadedModel, fingerprint_mismatch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ from typing import TextIO
 from safesteer.generation import GenerationConfig, decode_texts, generate_ids
 from safesteer.layout import ChatLayout
 from safesteer.methods.safeswitch import SafeSwitchArtifact, SwitchDecision, safeswitch_generate
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 from safesteer.runner import RunError
 
 CHAT_METHODS = ("none", "scans", "safeswitch")

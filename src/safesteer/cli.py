@@ -16,10 +16,11 @@ from rich.console import Console
 from safesteer import __version__
 from safesteer.artifacts import ArtifactError
 from safesteer.cli_datasets import datasets_app
+from safesteer.cli_models import models_app
 from safesteer.cli_organism import organism_app
 from safesteer.cli_safeswitch import chat_command, fit_safeswitch_command, generate_safeswitch
 from safesteer.datasets import DatasetError
-from safesteer.model import ModelLoadError
+from safesteer.models import ModelLoadError
 
 app = typer.Typer(
     help="Make chat models refuse what they should and answer what they should.",
@@ -29,6 +30,7 @@ app = typer.Typer(
 fit_app = typer.Typer(help="Fit a method and write its artifact.", no_args_is_help=True)
 app.add_typer(fit_app, name="fit")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(models_app, name="models")
 app.add_typer(organism_app, name="organism")
 fit_app.command("safeswitch")(fit_safeswitch_command)
 app.command("chat")(chat_command)
@@ -36,7 +38,10 @@ err = Console(stderr=True)
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="HF directory, .gguf file or hub id; default: the embedded SmolLM2-135M."),
+    typer.Option(
+        help="A name from `safesteer models list` (e.g. qwen2.5-coder-0.5b), an HF directory, a "
+        ".gguf file or a hub id; default: the embedded SmolLM2-135M."
+    ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
@@ -174,7 +179,7 @@ def fit_scans_command(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Fit SCANS refusal vectors, reference transitions and threshold; write DIR/manifest.json."""
-    from safesteer.model import load_model
+    from safesteer.models import load_model
     from safesteer.runner import RunError, RunOptions, fit_or_load
 
     options = RunOptions(
@@ -220,7 +225,7 @@ def generate(
 ) -> None:
     """Print responses, with the SCANS decision (score, sigma) per prompt."""
     from safesteer.generation import GenerationConfig
-    from safesteer.model import load_model
+    from safesteer.models import load_model
     from safesteer.runner import RunError, RunOptions, decide_and_generate, fit_or_load
 
     if method not in ("none", "scans", "safeswitch"):
@@ -342,6 +347,50 @@ def eval_command(
 
 
 @app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option(help="Model name, directory, .gguf or hub id.")
+    ] = "qwen2.5-coder-0.5b",
+    limit: Annotated[int, typer.Option(help="Seeded XSTest prompts per half (safe, unsafe).")] = 30,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per response.")] = 48,
+    artifact: Annotated[
+        Path | None, typer.Option(help="A SCANS artifact (default: fitted for the model).")
+    ] = None,
+    examples: Annotated[int, typer.Option(help="Changed responses shown per half.")] = 3,
+    output_dir: Annotated[Path, typer.Option(help="Where results are written.")] = Path(
+        "runs/demo"
+    ),
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 16,
+    data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Over-refusal and its fix side by side: default vs SCANS on a seeded XSTest sample."""
+    from safesteer.demo import DemoOptions, run_demo
+    from safesteer.runner import RunError
+
+    if limit < 1:
+        err.print("[red]error:[/red] --limit must be at least 1")
+        raise typer.Exit(2)
+    options = DemoOptions(
+        model=model,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        output_dir=str(output_dir),
+        artifact=str(artifact) if artifact else None,
+        examples=examples,
+        seed=seed,
+        batch_size=batch_size,
+        data_dir=str(data_dir) if data_dir else None,
+        device=_device(device),
+        dtype=dtype,
+    )
+    with _user_errors(RunError):
+        run_demo(options)
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="An output folder of `safesteer eval`.")],
 ) -> None:
@@ -367,7 +416,7 @@ def analyze(
 
     from safesteer.analysis import suggest_layers, vocabulary_projection
     from safesteer.methods.scans import ScansArtifact
-    from safesteer.model import load_model
+    from safesteer.models import load_model
 
     with _user_errors():
         lm = load_model(model, dtype=dtype, device=_device(device))

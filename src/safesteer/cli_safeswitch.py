@@ -76,7 +76,7 @@ def fit_safeswitch_command(
         fit_safeswitch,
         load_training_prompts,
     )
-    from safesteer.model import load_model
+    from safesteer.models import load_model
     from safesteer.runner import RunError
 
     if mode not in MODES:
@@ -180,7 +180,7 @@ def generate_safeswitch(
     from safesteer.chat import describe_switch, load_safeswitch
     from safesteer.generation import GenerationConfig
     from safesteer.methods.safeswitch import safeswitch_generate
-    from safesteer.model import load_model
+    from safesteer.models import load_model
 
     lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
     switch = load_safeswitch(lm, artifact)
@@ -218,7 +218,7 @@ def chat_command(
     from safesteer.chat import CHAT_METHODS, chat_loop, make_responder
     from safesteer.cli import _device, _user_errors
     from safesteer.generation import GenerationConfig
-    from safesteer.model import load_model
+    from safesteer.models import load_model
     from safesteer.runner import RunError
 
     if method not in CHAT_METHODS:

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from safesteer.activations import forward
 from safesteer.layout import Batch, left_pad
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from safesteer.datasets import draw_anchors, load_test_set
 from safesteer.methods.refusal_bank import refusal_for
+from safesteer.models.sources import require_source
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=nn.Module)
 
 ORGANISM_NAMES = ("organism",)
-ORGANISM_ID = "SmolLM2-135M-Instruct + safesteer over-refusing LoRA organism"
+ORGANISM_ID = require_source("organism").display
 ORGANISM_DIR = Path(__file__).resolve().parent / "organism"
 ADAPTER_FILE = "adapter_model.safetensors"
 IGNORE_INDEX = -100

@@ -25,7 +25,6 @@ import torch
 from safesteer.generation import GenerationConfig, generate_batched
 from safesteer.judges import is_refusal_paper
 from safesteer.layout import ChatLayout
-from safesteer.model import EMBEDDED_ID, LoadedModel, load_model, wrap_model
 from safesteer.model_organism import (
     ADAPTER_FILE,
     ORGANISM_DIR,
@@ -38,6 +37,7 @@ from safesteer.model_organism import (
     sha256_file,
     train_lora,
 )
+from safesteer.models import EMBEDDED_ID, LoadedModel, load_model, wrap_model
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from safesteer.methods.scans import (
     unsteered,
 )
 from safesteer.metrics import classifier_metrics, pooled_avg, refusal_rates
-from safesteer.model import LoadedModel, load_model
+from safesteer.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from safesteer.activations import TrackedHooks, hidden_of, with_hidden
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 
 class Steerer(TrackedHooks):

@@ -37,7 +37,7 @@ from safesteer.datasets.registry import DatasetError, dataset_path
 from safesteer.generation import GenerationConfig, generate_ids
 from safesteer.layout import Batch, ChatLayout, left_pad
 from safesteer.methods.scans import ScansArtifact, classify
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 from safesteer.steering import steering
 
 __all__ = [

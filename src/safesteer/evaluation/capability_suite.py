@@ -24,7 +24,7 @@ from safesteer.evaluation.capability import (
     xsum,
 )
 from safesteer.methods.scans import ScansArtifact
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 CAPABILITY_METHODS = ("default", "scans", "scans-safe", "random")
 DEFAULT_MMLU_SUBJECTS = (

@@ -41,7 +41,7 @@ from safesteer.metrics import (
     refusal_rate_ci,
     refusal_rates,
 )
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 from safesteer.runner import RunError, RunOptions, fit_or_load, load_model_for
 
 log = logging.getLogger(__name__)
@@ -416,8 +416,13 @@ def print_summary(summary: dict[str, Any]) -> None:
 # the job
 
 
-def evaluate(options: EvalOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
-    """Run every method on the suite's prompts, judge, summarise; resumable."""
+def evaluate(
+    options: EvalOptions, lm: LoadedModel | None = None, *, show: bool = True
+) -> dict[str, Any]:
+    """Run every method on the suite's prompts, judge, summarise; resumable.
+
+    ``show=False`` leaves printing the summary tables to the caller.
+    """
     capability = options.suite == "capability"
     if capability:
         bad = [m for m in options.methods if m not in CAPABILITY_METHODS]
@@ -549,7 +554,8 @@ def evaluate(options: EvalOptions, lm: LoadedModel | None = None) -> dict[str, A
     tmp.replace(responses_path)
     summary = summarise(ordered, suite, options)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
+    if show:
+        print_summary(summary)
     return summary
 
 

@@ -31,7 +31,7 @@ from safesteer.activations import ChunkTracker, TrackedHooks, hidden_of
 from safesteer.artifacts import ArtifactError, check_model, load_artifact, save_artifact
 from safesteer.generation import Generated, GenerationConfig, generate_ids, length_sorted_batches
 from safesteer.layout import ChatLayout
-from safesteer.model import LoadedModel, _checksum
+from safesteer.models import LoadedModel, weight_checksum
 
 Mode = Literal["two-stage", "direct"]
 MODES: tuple[Mode, ...] = ("two-stage", "direct")
@@ -157,7 +157,7 @@ def head_bias(lm: LoadedModel) -> torch.Tensor | None:
 
 def head_checksum(lm: LoadedModel) -> list[float]:
     """Checksum of the base LM head (the refusal head is stored as a difference from it)."""
-    return _checksum(head_weight(lm))
+    return weight_checksum(head_weight(lm))
 
 
 @dataclass

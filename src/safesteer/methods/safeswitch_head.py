@@ -30,7 +30,7 @@ from safesteer.generation import length_sorted_batches, stop_token_ids
 from safesteer.layout import ChatLayout, left_pad
 from safesteer.methods.refusal_bank import refusal_for
 from safesteer.methods.safeswitch import head_bias, head_weight, output_head
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 IGNORE_INDEX = -100
 PILOT_SEPARATOR = "\n\n"

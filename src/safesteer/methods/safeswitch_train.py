@@ -53,7 +53,7 @@ from safesteer.methods.safeswitch_probe import (
     layer_sweep,
     sweep_table,
 )
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 
 HARMFUL_SOURCES = ("sorry-bench-train", "trustllm-misuse-train", "trustllm-jailbreak-train")
 HARMLESS_SOURCES = ("truthfulqa", "heldout", "alpaca-eval", "trivia-qa")

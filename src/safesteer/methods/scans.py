@@ -32,7 +32,7 @@ from safesteer.generation import (
     rollback,
 )
 from safesteer.layout import Batch, ChatLayout, left_pad
-from safesteer.model import LoadedModel
+from safesteer.models import LoadedModel
 from safesteer.steering import steering
 
 AlphaMode = Literal["absolute", "relative"]

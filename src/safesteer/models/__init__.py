@@ -1,0 +1,41 @@
+"""Model sources and loading: named models, verified fetches, layer discovery, fingerprints.
+
+Everything that turns a model name or path into a :class:`LoadedModel` lives here; the rest of
+safesteer only sees the handle.
+"""
+
+from safesteer.models.fetch import FetchError, SplitWheelFile
+from safesteer.models.fingerprint import fingerprint_mismatch, model_fingerprint, weight_checksum
+from safesteer.models.handle import LoadedModel, ModelLoadError
+from safesteer.models.layers import find_decoder_layers
+from safesteer.models.loading import load_model, wrap_model
+from safesteer.models.sources import (
+    SOURCES,
+    ModelSource,
+    cache_root,
+    fetch_model,
+    get_source,
+    require_source,
+)
+
+EMBEDDED_ID = SOURCES[0].display
+
+__all__ = [
+    "EMBEDDED_ID",
+    "SOURCES",
+    "FetchError",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelSource",
+    "SplitWheelFile",
+    "cache_root",
+    "fetch_model",
+    "find_decoder_layers",
+    "fingerprint_mismatch",
+    "get_source",
+    "load_model",
+    "model_fingerprint",
+    "require_source",
+    "weight_checksum",
+    "wrap_model",
+]

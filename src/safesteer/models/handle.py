@@ -1,0 +1,63 @@
+"""The model handle: a causal LM with its tokenizer and decoder layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded or inspected; the message names the fix."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and decoder layers."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    layers: list[nn.Module]
+    layers_path: str
+    name: str
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers."""
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream."""
+        return int(self._embedding_weight().shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings (where token ids must be sent)."""
+        return self._embedding_weight().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype of the input embeddings."""
+        return self._embedding_weight().dtype
+
+    def _embedding_weight(self) -> torch.Tensor:
+        weight = self.model.get_input_embeddings().weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    def layer_device(self, index: int) -> torch.device:
+        """Device of decoder layer ``index`` (differs per layer under ``device_map=auto``)."""
+        for param in self.layers[index].parameters():
+            return param.device
+        return self.device
+
+    def fingerprint(self) -> dict[str, Any]:
+        """A model identity that survives dtype changes: config facts and weight checksums."""
+        from safesteer.models.fingerprint import model_fingerprint
+
+        return model_fingerprint(self)
