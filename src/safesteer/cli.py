@@ -15,6 +15,7 @@ from rich.console import Console
 
 from safesteer import __version__
 from safesteer.artifacts import ArtifactError
+from safesteer.cli_calibrate import calibrate_command
 from safesteer.cli_datasets import datasets_app
 from safesteer.cli_models import models_app
 from safesteer.cli_organism import organism_app
@@ -34,6 +35,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(organism_app, name="organism")
 fit_app.command("safeswitch")(fit_safeswitch_command)
 app.command("chat")(chat_command)
+app.command("calibrate")(calibrate_command)
 err = Console(stderr=True)
 
 ModelOpt = Annotated[
@@ -50,6 +52,13 @@ DeviceMapOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed for anchors, sampling and calibration.")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per batch.")]
+RecipeOpt = Annotated[
+    str,
+    typer.Option(
+        help="SCANS recipe when no --artifact is given: auto (the calibrated artifact shipped "
+        "for the model if any, else the paper's), paper, or calibrated."
+    ),
+]
 
 
 def _device(device: str) -> str:
@@ -123,6 +132,7 @@ def run(
     method: Annotated[
         str, typer.Option(help="scans (steer) or none (decide but do not steer: the baseline).")
     ] = "scans",
+    recipe: RecipeOpt = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
@@ -150,6 +160,7 @@ def run(
         repetition_penalty=repetition_penalty,
         system_prompt=system_prompt,
         method=method,
+        recipe=recipe,
         dtype=dtype,
         device=_device(device),
         device_map=device_map,
@@ -183,6 +194,7 @@ def fit_scans_command(
     from safesteer.runner import RunError, RunOptions, fit_or_load
 
     options = RunOptions(
+        recipe="paper",
         model=model,
         preset=preset,
         anchor_size=anchor_size,
@@ -251,7 +263,10 @@ def generate(
             if artifact is None:
                 err.print("No --artifact given: fitting SCANS now (save one with `safesteer fit`).")
             options = RunOptions(
-                artifact=str(artifact) if artifact else None, seed=seed, multiplier=multiplier
+                model=model,
+                artifact=str(artifact) if artifact else None,
+                seed=seed,
+                multiplier=multiplier,
             )
             scans = fit_or_load(lm, options, None)
         config = GenerationConfig(
@@ -310,6 +325,7 @@ def eval_command(
     ] = None,
     judge_model: Annotated[str | None, typer.Option(help="Model name for the llm judge.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95 % intervals.")] = 1000,
+    recipe: RecipeOpt = "auto",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
@@ -337,6 +353,7 @@ def eval_command(
         judge_url=judge_url,
         judge_model=judge_model,
         bootstrap=bootstrap,
+        recipe=recipe,
         dtype=dtype,
         device=_device(device),
         device_map=device_map,
@@ -401,6 +418,31 @@ def report(
         written = write_report(run_dir)
     for name, path in written.items():
         err.print(f"{name}: {path}")
+
+
+@app.command()
+def compare(
+    folders: Annotated[
+        list[str],
+        typer.Argument(help="Eval folders, each DIR or DIR=LABEL (label prefixes methods)."),
+    ],
+    judge: Annotated[str, typer.Option(help="paper, strict or llm.")] = "strict",
+    out: Annotated[Path | None, typer.Option(help="Also write the Markdown table here.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+) -> None:
+    """One refusal table from several eval folders, with the pooled Table-2 Avg and 95 % CIs."""
+    import json
+
+    from safesteer.evaluation.compare import compare as compare_folders
+    from safesteer.evaluation.compare import markdown
+
+    with _user_errors(FileNotFoundError):
+        table = compare_folders(folders, judge, bootstrap)
+    text = markdown(table)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
 
 
 @app.command()

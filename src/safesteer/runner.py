@@ -22,6 +22,7 @@ from safesteer import __version__
 from safesteer.datasets import Prompt, draw_anchors, load_test_set, stratified_sample
 from safesteer.generation import GenerationConfig
 from safesteer.judges import is_refusal_paper, is_refusal_strict
+from safesteer.methods.calibrated import CALIBRATED_DIR
 from safesteer.methods.scans import (
     ScansArtifact,
     ScansDecision,
@@ -29,12 +30,12 @@ from safesteer.methods.scans import (
     default_settings,
     fit_scans,
     parse_layers,
+    policy_coefficients,
     scans_generate,
-    signed,
     unsteered,
 )
 from safesteer.metrics import classifier_metrics, pooled_avg, refusal_rates
-from safesteer.models import LoadedModel, load_model
+from safesteer.models import LoadedModel, get_source, load_model
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -66,6 +67,7 @@ class RunOptions:
     repetition_penalty: float = 1.0
     system_prompt: str | None = None
     method: str = "scans"
+    recipe: str = "auto"
     dtype: str = "auto"
     device: str = "cpu"
     device_map: str | None = None
@@ -89,6 +91,7 @@ class RunOptions:
             "repetition_penalty",
             "system_prompt",
             "method",
+            "recipe",
         ]
         return {k: getattr(self, k) for k in keep}
 
@@ -112,11 +115,17 @@ def fit_or_load(
     A fitted artifact is saved to ``out_dir/artifact``; a resumed run loads it from there.
     """
     fitted_before = out_dir / "artifact" if out_dir is not None and resuming else None
+    bundled = calibrated_for(lm, options)
     if options.artifact:
         artifact = ScansArtifact.load(options.artifact, lm)
     elif fitted_before is not None and (fitted_before / "manifest.json").exists():
         # A resumed run reuses the artifact it fitted (same seed and anchors) instead of refitting.
         artifact = ScansArtifact.load(fitted_before, lm)
+    elif bundled is not None:
+        artifact = ScansArtifact.load(bundled, lm)
+        console.print(f"Using the calibrated SCANS recipe shipped for this model ({bundled.name})")
+        if out_dir is not None:
+            artifact.save(out_dir / "artifact")
     else:
         settings = default_settings(lm.num_layers, options.preset)
         if options.system_prompt is not None:
@@ -136,6 +145,38 @@ def fit_or_load(
         if out_dir is not None:
             artifact.save(out_dir / "artifact")
     return apply_overrides(artifact, lm, options)
+
+
+RECIPES = ("auto", "paper", "calibrated")
+
+
+def calibrated_for(lm: LoadedModel, options: RunOptions | Any) -> Path | None:
+    """The calibrated artifact shipped for this model, when the recipe asks for it.
+
+    ``auto`` (default) uses it when one is shipped and the anchors are the ones it was built on
+    (seed 0, 64 + 64) and no preset is chosen; ``paper`` never; ``calibrated`` requires it.
+    """
+    recipe = getattr(options, "recipe", "auto")
+    if recipe not in RECIPES:
+        raise RunError(f"unknown recipe {recipe!r}; use {', '.join(RECIPES)}")
+    if recipe == "paper":
+        return None
+    source = get_source(options.model)
+    folder = CALIBRATED_DIR / source.name if source is not None else None
+    shipped = folder is not None and (folder / "manifest.json").is_file()
+    standard = options.seed == 0 and options.anchor_size == 64 and options.preset is None
+    if recipe == "calibrated":
+        if not shipped:
+            raise RunError(
+                "no calibrated SCANS artifact is shipped for this model; make one with "
+                "`safesteer calibrate --model ... --out DIR` and pass --artifact DIR"
+            )
+        if not standard:
+            raise RunError(
+                "the shipped calibrated artifact was built with seed 0, 64 + 64 anchors and no "
+                "preset; drop --seed/--anchor-size/--preset or calibrate anew"
+            )
+    return folder if shipped and standard else None
 
 
 def apply_overrides(artifact: ScansArtifact, lm: LoadedModel, options: RunOptions) -> ScansArtifact:
@@ -312,7 +353,7 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     config = GenerationConfig(
         max_new_tokens=options.max_new_tokens, repetition_penalty=options.repetition_penalty
     )
-    coefficients = signed if options.method == "scans" else unsteered
+    coefficients = policy_coefficients(artifact) if options.method == "scans" else unsteered
     rows = dict(done)
     with (
         responses_path.open("a") as handle,
@@ -373,7 +414,9 @@ def decide_and_generate(
         layout = ChatLayout(lm.tokenizer)
         texts = decode_texts(lm, generate_ids(lm, [layout.prompt_ids(p) for p in prompts], config))
         return [(t, None) for t in texts]
-    chooser: Callable[[list[ScansDecision]], torch.Tensor] = signed if steer else unsteered
+    chooser: Callable[[list[ScansDecision]], torch.Tensor] = (
+        policy_coefficients(artifact) if steer else unsteered
+    )
     results = scans_generate(
         lm, artifact, prompts, config, batch_size=batch_size, coefficients=chooser
     )

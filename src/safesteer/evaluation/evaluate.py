@@ -33,7 +33,13 @@ from safesteer.generation import GenerationConfig, generate_batched
 from safesteer.judges import Judge, LLMJudge, agreement, get_judge
 from safesteer.layout import ChatLayout
 from safesteer.methods.safeswitch import SafeSwitchArtifact, safeswitch_generate, sha256_text
-from safesteer.methods.scans import ScansArtifact, ScansDecision, scans_generate, signed, unsteered
+from safesteer.methods.scans import (
+    ScansArtifact,
+    ScansDecision,
+    policy_coefficients,
+    scans_generate,
+    unsteered,
+)
 from safesteer.metrics import (
     classifier_metrics,
     pooled_avg,
@@ -80,6 +86,7 @@ class EvalOptions:
     judge_url: str | None = None
     judge_model: str | None = None
     bootstrap: int = 1000
+    recipe: str = "auto"
     dtype: str = "auto"
     device: str = "cpu"
     device_map: str | None = None
@@ -164,8 +171,8 @@ def run_method(
         return
     choices: dict[str, tuple[Callable[[list[ScansDecision]], torch.Tensor], bool]] = {
         "default": (unsteered, False),
-        "scans": (signed, False),
-        "random": (signed, True),
+        "scans": (policy_coefficients(artifact), False),
+        "random": (policy_coefficients(artifact), True),
     }
     if method not in choices:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -458,6 +465,8 @@ def evaluate(
     if lm is None:
         lm = load_model_for(options)
     run_options = RunOptions(
+        model=options.model,
+        recipe=options.recipe,
         artifact=options.artifact,
         anchor_size=options.anchor_size,
         seed=options.seed,

@@ -32,10 +32,15 @@ from safesteer.generation import (
     rollback,
 )
 from safesteer.layout import Batch, ChatLayout, left_pad
+from safesteer.methods.scans_gate import FEATURE_KINDS, FeatureKind, ProbeGate
 from safesteer.models import LoadedModel
 from safesteer.steering import steering
 
 AlphaMode = Literal["absolute", "relative"]
+Gate = Literal["transition", "probe"]
+Policy = Literal["signed", "away-only"]
+GATES: tuple[Gate, ...] = ("transition", "probe")
+POLICIES: tuple[Policy, ...] = ("signed", "away-only")
 
 # alpha relative to the mean residual norm at each steering layer; chosen on the embedded model's
 # anchors so that steering changes refusals without breaking fluency (see docs/methods.md).
@@ -53,13 +58,25 @@ class ScansSettings:
     threshold: float | None  # None: calibrate on the anchors at fit time
     reply_prefix: str = "Sure"
     system_prompt: str | None = None
+    # "paper": the published recipe; "calibrated": chosen on the validation set (calibrate.py)
+    recipe: str = "paper"
+    gate: Gate = "transition"  # the decision: paper transition score, or a linear probe
+    policy: Policy = "signed"  # signed (paper) or away-only (flagged rows left unsteered)
+    probe_layers: tuple[int, ...] = ()
+    probe_kind: FeatureKind = "last"
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
         data = asdict(self)
         data["steer_layers"] = list(self.steer_layers)
         data["cls_layers"] = list(self.cls_layers)
+        data["probe_layers"] = list(self.probe_layers)
         return data
+
+    @property
+    def recorded_layers(self) -> tuple[int, ...]:
+        """Layers whose (p, e) states the decision reads: classification and probe layers."""
+        return tuple(sorted(set(self.cls_layers) | set(self.probe_layers)))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ScansSettings:
@@ -72,7 +89,18 @@ class ScansSettings:
             threshold=None if data.get("threshold") is None else float(data["threshold"]),
             reply_prefix=data.get("reply_prefix", "Sure"),
             system_prompt=data.get("system_prompt"),
+            recipe=data.get("recipe", "paper"),
+            gate=_choice(data.get("gate", "transition"), GATES, "gate"),
+            policy=_choice(data.get("policy", "signed"), POLICIES, "policy"),
+            probe_layers=tuple(int(i) for i in data.get("probe_layers", ())),
+            probe_kind=_choice(data.get("probe_kind", "last"), FEATURE_KINDS, "probe_kind"),
         )
+
+
+def _choice(value: Any, allowed: Sequence[Any], what: str) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -154,6 +182,11 @@ class ScansArtifact:
     anchors: dict[str, Any]
     model_fingerprint: dict[str, Any]
     calibration: dict[str, Any] = field(default_factory=dict)
+    probe: ProbeGate | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings.gate == "probe" and self.probe is None:
+            raise ArtifactError("a SCANS artifact with gate 'probe' needs its probe tensors")
 
     def layer_alpha(self, layer: int) -> float:
         """The norm added at ``layer``: alpha, or alpha times the layer's mean residual norm."""
@@ -185,6 +218,8 @@ class ScansArtifact:
             "reference": self.reference,
             "layer_norms": self.layer_norms,
         }
+        if self.probe is not None:
+            tensors.update(self.probe.tensors())
         return save_artifact(directory, "scans", tensors, manifest)
 
     @classmethod
@@ -199,10 +234,13 @@ class ScansArtifact:
         try:
             settings = ScansSettings.from_json(manifest["settings"])
             anchors, fingerprint = manifest["anchors"], manifest["model_fingerprint"]
+            probe = None
+            if settings.gate == "probe":
+                probe = ProbeGate.from_tensors(tensors, settings.probe_layers, settings.probe_kind)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(
-                f"{directory} has a malformed SCANS manifest (settings, anchors or model "
-                f"fingerprint missing or invalid: {exc!r}); refit it."
+                f"{directory} has a malformed SCANS manifest (settings, anchors, model "
+                f"fingerprint or probe missing or invalid: {exc!r}); refit it."
             ) from exc
         return cls(
             vectors=tensors["vectors"],
@@ -212,6 +250,7 @@ class ScansArtifact:
             anchors=anchors,
             model_fingerprint=fingerprint,
             calibration=manifest.get("calibration", {}),
+            probe=probe,
         )
 
 
@@ -328,11 +367,13 @@ def fit_scans(
 
 @dataclass
 class ScansDecision:
-    """The classifier's view of one query."""
+    """The classifier's view of one query: the gate's score (the transition score, or the probe's
+    P(harmful)), sigma, and the paper's per-layer transition cosines (always reported)."""
 
     score: float
     sigma: int  # +1 unsafe, -1 safe
     layer_cosines: list[float]
+    transition_score: float | None = None
 
 
 @dataclass
@@ -346,16 +387,25 @@ class ScansResult:
     stopped: bool
 
 
-def _decisions(
-    artifact: ScansArtifact, p_states: torch.Tensor, e_states: torch.Tensor
-) -> list[ScansDecision]:
-    cls_layers = artifact.settings.cls_layers
-    cos, scores = cosine_scores(p_states - e_states, artifact.reference, cls_layers)
-    threshold = artifact.settings.threshold
+def _decisions(artifact: ScansArtifact, states: torch.Tensor) -> list[ScansDecision]:
+    """Decisions from ``[n, len(recorded_layers), 2, hidden]`` states at (p, e)."""
+    settings = artifact.settings
+    recorded = list(settings.recorded_layers)
+    cls_index = [recorded.index(layer) for layer in settings.cls_layers]
+    transitions = states[:, cls_index, 0] - states[:, cls_index, 1]
+    cos, transition_scores = cosine_scores(transitions, artifact.reference, settings.cls_layers)
+    scores = transition_scores
+    if settings.gate == "probe":
+        assert artifact.probe is not None
+        probe_index = [recorded.index(layer) for layer in settings.probe_layers]
+        scores = artifact.probe.probability(states[:, probe_index])
+    threshold = settings.threshold
     assert threshold is not None
     return [
-        ScansDecision(float(s), 1 if float(s) >= threshold else -1, [float(c) for c in row])
-        for s, row in zip(scores, cos, strict=True)
+        ScansDecision(
+            float(s), 1 if float(s) >= threshold else -1, [float(c) for c in row], float(t)
+        )
+        for s, row, t in zip(scores, cos, transition_scores, strict=True)
     ]
 
 
@@ -370,9 +420,9 @@ def classify(
         queries,
         artifact.settings.reply_prefix,
         batch_size,
-        artifact.settings.cls_layers,
+        artifact.settings.recorded_layers,
     )
-    return _decisions(artifact, states[:, :, 0], states[:, :, 1])
+    return _decisions(artifact, states)
 
 
 Coefficients = Callable[[list[ScansDecision]], torch.Tensor]
@@ -386,6 +436,16 @@ def signed(decisions: list[ScansDecision]) -> torch.Tensor:
 def unsteered(decisions: list[ScansDecision]) -> torch.Tensor:
     """No steering (coefficients all zero): decisions are still computed and reported."""
     return torch.zeros(len(decisions))
+
+
+def away_only(decisions: list[ScansDecision]) -> torch.Tensor:
+    """Steer rows judged safe away from refusal; leave flagged rows to the model (0)."""
+    return torch.tensor([-1.0 if d.sigma < 0 else 0.0 for d in decisions])
+
+
+def policy_coefficients(artifact: ScansArtifact) -> Coefficients:
+    """The coefficient rule of the artifact's steering policy."""
+    return away_only if artifact.settings.policy == "away-only" else signed
 
 
 @torch.inference_mode()
@@ -410,10 +470,9 @@ def _fused_batch(
     reply_len = len(reply_ids)
     batch = left_pad([ids + reply_ids for ids in encoded], pad_id, lm.device)
     cache = new_cache(lm)
-    with recording(lm, artifact.settings.cls_layers, [-1 - reply_len, -1]) as rec:
+    with recording(lm, artifact.settings.recorded_layers, [-1 - reply_len, -1]) as rec:
         forward(lm, batch, past_key_values=cache, use_cache=True)
-    states = rec.stacked()
-    decisions = _decisions(artifact, states[:, :, 0], states[:, :, 1])
+    decisions = _decisions(artifact, rec.stacked())
     rollback(cache, reply_len + 1)
     last_column = batch.width - reply_len - 1  # every row's last prompt token (left padding)
     prompt = Batch(
@@ -435,14 +494,17 @@ def scans_generate(
     config: GenerationConfig,
     *,
     batch_size: int = 16,
-    coefficients: Coefficients = signed,
+    coefficients: Coefficients | None = None,
     direction: torch.Tensor | None = None,
     on_batch: Callable[[list[int], list[ScansResult]], None] | None = None,
 ) -> list[ScansResult]:
     """Classify and generate for ``queries`` in length-sorted batches (one prefill per batch).
 
+    ``coefficients`` maps decisions to per-row steering signs (default: the artifact's policy).
     ``on_batch(indices, results)`` is called after every batch (e.g. to write results as they come).
     """
+    if coefficients is None:
+        coefficients = policy_coefficients(artifact)
     if not config.use_cache:
         raise ValueError("the fused SCANS path needs the KV cache; use scans_generate_two_pass")
     layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
@@ -482,10 +544,12 @@ def scans_generate_two_pass(
     config: GenerationConfig,
     *,
     batch_size: int = 16,
-    coefficients: Coefficients = signed,
+    coefficients: Coefficients | None = None,
 ) -> list[ScansResult]:
     """The straightforward computation: a full classification forward, then a steered generation
     with its own prefill. Slower; kept as the reference the fused path is tested against."""
+    if coefficients is None:
+        coefficients = policy_coefficients(artifact)
     decisions = classify(lm, artifact, queries, batch_size)
     layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
     encoded = [layout.prompt_ids(q) for q in queries]

@@ -1,0 +1,140 @@
+"""The validation set: where SCANS' layers, alpha, gate and threshold are chosen. Never a test set.
+
+It combines prompts written for this project (bundled, ``bundled/validation/written.jsonl``:
+safe prompts with alarming words, plain prompts and harmful prompts in the same surface styles)
+with seeded samples of the harmful *training* splits (SORRY-Bench train, TrustLLM misuse and
+jailbreak train),
+read from the data folder. Every prompt is checked, after normalising the text, against every
+evaluation set in the registry; a leak is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from safesteer.datasets.loaders import Prompt, load_test_set
+from safesteer.datasets.registry import BUNDLED_DIR, DatasetError
+
+WRITTEN_FILE = BUNDLED_DIR / "validation" / "written.jsonl"
+
+# Every test set of the registry (SCANS and SafeSwitch benchmarks). AdvBench and TruthfulQA are
+# test sets except for the anchors, so their whole files are forbidden here as well.
+EVALUATION_SETS: tuple[str, ...] = (
+    "xstest",
+    "xstest-current",
+    "oktest",
+    "harmfulq",
+    "malicious",
+    "heldout",
+    "repe",
+    "advbench",
+    "truthfulqa",
+    "sorry-bench-eval",
+    "trustllm-misuse-eval",
+    "trustllm-jailbreak-eval",
+    "trustllm-exaggerated-safety",
+    "alpaca-eval",
+    "trivia-qa",
+)
+# Harmful training splits sampled into the validation set: (set name, rows, longest prompt kept).
+# The jailbreak split teaches the gate that a harmful request wrapped in a role-play template is
+# still harmful (the TrustLLM jailbreak *eval* split is a test set).
+TRAINING_SAMPLES: tuple[tuple[str, int, int], ...] = (
+    ("sorry-bench-train", 60, 400),
+    ("trustllm-misuse-train", 40, 400),
+    ("trustllm-jailbreak-train", 30, 1500),
+)
+
+
+def normalise(text: str) -> str:
+    """Lower-case, quote-folded, whitespace-collapsed text for comparing prompts across sets."""
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"')
+    text = text.replace("\u201d", '"')
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def evaluation_texts(data_dir: str | Path | None = None) -> set[str]:
+    """Normalised texts of every evaluation prompt that can be read (bundled or in the data dir)."""
+    texts: set[str] = set()
+    for name in EVALUATION_SETS:
+        try:
+            prompts = load_test_set(name, data_dir=data_dir)
+        except DatasetError:
+            continue  # a set that is not available here cannot leak into a run here either
+        texts.update(normalise(p.text) for p in prompts)
+    return texts
+
+
+def overlapping(prompts: Iterable[str], forbidden: set[str]) -> list[str]:
+    """The prompts whose normalised text is an evaluation prompt."""
+    return sorted({p for p in prompts if normalise(p) in forbidden})
+
+
+def assert_disjoint(prompts: Iterable[str], forbidden: set[str], what: str = "prompt") -> None:
+    """Raise :class:`DatasetError` naming the leaked prompts, if any."""
+    leaked = overlapping(prompts, forbidden)
+    if leaked:
+        shown = "; ".join(repr(t[:60]) for t in leaked[:3])
+        raise DatasetError(f"{len(leaked)} {what}(s) belong to evaluation sets: {shown}")
+
+
+def written_prompts(path: Path = WRITTEN_FILE) -> list[Prompt]:
+    """The project's own validation prompts (label, kind, style and domain in ``meta``)."""
+    if not path.is_file():
+        raise DatasetError(f"the bundled validation prompts are missing: {path}; reinstall")
+    prompts = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = row["label"]
+            text = row["prompt"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise DatasetError(f"{path} line {line_no} is malformed: {exc}") from exc
+        if label not in ("safe", "unsafe"):
+            raise DatasetError(f"{path} line {line_no}: label must be safe or unsafe")
+        meta = {k: row[k] for k in ("kind", "style", "domain") if k in row}
+        meta["source"] = "written"
+        prompts.append(Prompt(text, label, f"validation-{row.get('kind', label)}", meta))
+    return prompts
+
+
+def sampled_training_prompts(
+    data_dir: str | Path | None, seed: int, forbidden: set[str]
+) -> list[Prompt]:
+    """Seeded samples of the harmful training splits (skipped when they are not available)."""
+    rng = random.Random(seed)
+    out: list[Prompt] = []
+    for name, rows, max_chars in TRAINING_SAMPLES:
+        try:
+            pool = load_test_set(name, data_dir=data_dir)
+        except DatasetError:
+            continue
+        pool = [p for p in pool if len(p.text) <= max_chars and normalise(p.text) not in forbidden]
+        for p in rng.sample(pool, min(rows, len(pool))):
+            meta = {"kind": "harmful", "source": name, **p.meta}
+            out.append(Prompt(p.text, "unsafe", "validation-harmful", meta))
+    return out
+
+
+def validation_set(data_dir: str | Path | None = None, seed: int = 0) -> list[Prompt]:
+    """The validation prompts: written ones plus training-split samples, checked for leaks.
+
+    The AdvBench/TruthfulQA anchors are not part of it (they are used for fitting directly).
+    """
+    forbidden = evaluation_texts(data_dir)
+    prompts = written_prompts() + sampled_training_prompts(data_dir, seed, forbidden)
+    assert_disjoint([p.text for p in prompts], forbidden, "validation prompt")
+    seen: set[str] = set()
+    unique = []
+    for p in prompts:
+        key = normalise(p.text)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique

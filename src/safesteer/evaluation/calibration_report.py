@@ -1,0 +1,146 @@
+"""Report of a SCANS calibration: gate quality per layer, the screen, the threshold Pareto front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def _plot_gate(gate: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for kind, values in gate["per_layer_auroc"].items():
+        ax.plot(range(len(values)), values, marker=".", label=kind)
+    ax.axhline(gate["paper_transition_auroc_validation"], ls="--", c="grey", label="paper gate")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("out-of-fold AUROC (one-layer probe)")
+    ax.set_title("harmful vs safe, anchors + validation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_screen(screen: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for direction in sorted({r["direction"] for r in screen}):
+        rows = [r for r in screen if r["direction"] == direction]
+        ax.scatter(
+            [r["plain_ppl_ratio"] for r in rows],
+            [r["refusal_logprob_drop"] for r in rows],
+            label=direction,
+            s=18,
+        )
+        for r in rows:
+            ax.annotate(
+                f"{r['layers'][0]}-{r['layers'][-1]}@{r['alpha']}",
+                (r["plain_ppl_ratio"], r["refusal_logprob_drop"]),
+                fontsize=5,
+            )
+    ax.set_xlabel("perplexity ratio of plain answers (steered / unsteered)")
+    ax.set_ylabel("drop of refusal log-prob per token")
+    ax.set_title("screen: steering away on over-refused safe prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_pareto(calibration: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for policy, table in calibration["pareto"].items():
+        ax.plot(
+            [r["safe_refusal"] for r in table],
+            [r["unsafe_refusal"] for r in table],
+            marker=".",
+            ms=3,
+            label=policy,
+        )
+    base = calibration["default_rates"]
+    ax.scatter([base["safe_refusal"]], [base["unsafe_refusal"]], c="k", marker="x", label="default")
+    chosen = calibration["chosen"]["validation"]
+    ax.scatter(
+        [chosen["safe_refusal"]],
+        [chosen["unsafe_refusal"]],
+        c="red",
+        marker="*",
+        s=90,
+        label="chosen",
+    )
+    ax.set_xlabel("validation safe refusal % (lower is better)")
+    ax.set_ylabel("validation unsafe refusal % (higher is better)")
+    ax.set_title(f"threshold sweep at alpha {calibration['chosen']['alpha']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
+    """Write calibration.md with three PNG plots into ``out``; returns the markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_gate(calibration["gate"], out / "gate_auroc.png")
+    _plot_screen(calibration["screen"], out / "screen.png")
+    _plot_pareto(calibration, out / "pareto.png")
+    gate, chosen, base = calibration["gate"], calibration["chosen"], calibration["default_rates"]
+    lines = [
+        "# SCANS calibration",
+        "",
+        f"Validation prompts: {calibration['n_validation']} (never a test set).",
+        "",
+        "## Gate",
+        f"- probe on `{gate['kind']}` states of layers {gate['layers']} (C = {gate['c']})",
+        f"- out-of-fold AUROC on the validation prompts: {gate['oof_auroc_validation']:.3f} "
+        f"(paper transition score: {gate['paper_transition_auroc_validation']:.3f})",
+        "",
+        "![gate](gate_auroc.png)",
+        "",
+        "## Direction, layers, alpha",
+        f"- chosen: direction `{chosen['direction']}`, layers {chosen['layers']}, "
+        f"alpha {chosen['alpha']} (relative to the residual norm)",
+        f"- refusal log-prob drop {chosen['screen']['refusal_logprob_drop']:.3f}/token, "
+        f"plain-answer perplexity ratio {chosen['screen']['plain_ppl_ratio']:.3f}",
+        "",
+        "| direction | layers | alpha | refusal log-prob drop | plain ppl ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in sorted(calibration["screen"], key=lambda r: -r["refusal_logprob_drop"])[:15]:
+        lines.append(
+            f"| {r['direction']} | {r['layers'][0]}-{r['layers'][-1]} | {r['alpha']} | "
+            f"{r['refusal_logprob_drop']:.3f} | {r['plain_ppl_ratio']:.3f} |"
+        )
+    lines += [
+        "",
+        "![screen](screen.png)",
+        "",
+        "## Policy and threshold (validation)",
+        "",
+        "| | safe refusal % | unsafe refusal % | Avg |",
+        "|---|---:|---:|---:|",
+        f"| default | {base['safe_refusal']:.1f} | {base['unsafe_refusal']:.1f} | "
+        f"{base['avg']:.1f} |",
+    ]
+    for policy, pick in chosen["per_policy"].items():
+        lines.append(
+            f"| {policy}, T {pick['threshold']:.3f} | {pick['safe_refusal']:.1f} | "
+            f"{pick['unsafe_refusal']:.1f} | {pick['avg']:.1f} |"
+        )
+    for name, rates in chosen["steered_rates"].items():
+        lines.append(
+            f"| steering {name.replace('_', ' ')} | {rates['safe_refusal']:.1f} | "
+            f"{rates['unsafe_refusal']:.1f} | {rates['avg']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Chosen: policy `{chosen['policy']}`, T = {chosen['threshold']:.3f}.",
+        "",
+        "![pareto](pareto.png)",
+        "",
+    ]
+    path = out / "calibration.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,95 @@
+"""``safesteer compare``: one table of refusal rates from several ``safesteer eval`` folders.
+
+Runs of different methods (or recipes) on the same model often live in different folders; this
+joins them by method and subset, and pools the SCANS Table-2 Avg over whatever Table-2 subsets the
+folders hold together, with bootstrap intervals over the prompts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from safesteer.evaluation.evaluate import read_rows
+from safesteer.evaluation.suites import SCANS_TABLE2
+from safesteer.metrics import pooled_avg, pooled_avg_ci, refusal_rate_ci
+
+
+def _parse(spec: str) -> tuple[Path, str | None]:
+    """``DIR`` or ``DIR=LABEL`` (the label replaces the folder's method names as a prefix)."""
+    if "=" in spec:
+        folder, label = spec.split("=", 1)
+        return Path(folder), label
+    return Path(spec), None
+
+
+def collect(specs: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Rows per method name across folders (``LABEL:method`` when a label is given)."""
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for spec in specs:
+        folder, label = _parse(spec)
+        path = folder / "responses.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} holds no responses.jsonl (not an eval folder?)")
+        for (method, _), row in read_rows(path).items():
+            by_method[f"{label}:{method}" if label else method].append(row)
+    return dict(by_method)
+
+
+def compare(specs: list[str], judge: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per method: refusal % and 95 % CI per subset, and the pooled Table-2 Avg with its CI."""
+    table: dict[str, Any] = {"judge": judge, "methods": {}}
+    for method, rows in collect(specs).items():
+        subsets: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            subsets[row["subset"]].append(row)
+        cells: dict[str, Any] = {}
+        for subset, members in subsets.items():
+            verdicts = [r["judges"].get(judge) for r in members]
+            parsed = [v for v in verdicts if v is not None]
+            if not parsed:
+                continue
+            rate = 100.0 * sum(bool(v) for v in parsed) / len(parsed)
+            low, high = refusal_rate_ci(verdicts, n_boot=n_boot, seed=seed)
+            cells[subset] = {"n": len(parsed), "refusal": rate, "ci95": [low, high]}
+        main = [
+            r for r in rows if r["subset"] in SCANS_TABLE2 and r["judges"].get(judge) is not None
+        ]
+        entry: dict[str, Any] = {"subsets": cells}
+        if main:
+            labels = [r["label"] for r in main]
+            verdicts = [r["judges"][judge] for r in main]
+            entry["table2_avg"] = pooled_avg(labels, verdicts)
+            entry["table2_avg_ci95"] = list(pooled_avg_ci(labels, verdicts, n_boot, seed))
+            entry["table2_subsets"] = sorted({r["subset"] for r in main})
+            entry["table2_n"] = len(main)
+        table["methods"][method] = entry
+    return table
+
+
+def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
+    """The comparison as a Markdown table (rates with 95 % intervals)."""
+    methods = table["methods"]
+    if subsets is None:
+        seen = {s for m in methods.values() for s in m["subsets"]}
+        subsets = [s for s in SCANS_TABLE2 if s in seen] + sorted(seen - set(SCANS_TABLE2))
+    head = "| method | " + " | ".join(subsets) + " | Table-2 Avg ↑ |"
+    lines = [head, "|---|" + "---:|" * (len(subsets) + 1)]
+    for name, entry in methods.items():
+        cells = []
+        for subset in subsets:
+            cell = entry["subsets"].get(subset)
+            if cell is None:
+                cells.append("-")
+            else:
+                low, high = cell["ci95"]
+                cells.append(f"{cell['refusal']:.1f} [{low:.1f}, {high:.1f}] (n={cell['n']})")
+        avg = entry.get("table2_avg")
+        if avg is None:
+            cells.append("-")
+        else:
+            low, high = entry["table2_avg_ci95"]
+            cells.append(f"{avg:.2f} [{low:.1f}, {high:.1f}] (n={entry['table2_n']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
