@@ -1,0 +1,255 @@
+"""The calibrated SCANS recipe: probe gate inside the fused prefill, policies, teacher-forced
+scoring under steering, threshold choice, the validation set and its leak check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BENIGN, HARMFUL
+from safesteer.activations import capture
+from safesteer.datasets import DatasetError, load_test_set
+from safesteer.datasets.validation import (
+    assert_disjoint,
+    evaluation_texts,
+    normalise,
+    validation_set,
+    written_prompts,
+)
+from safesteer.generation import GenerationConfig, generate_ids
+from safesteer.layout import ChatLayout
+from safesteer.methods.scans import (
+    ScansArtifact,
+    away_only,
+    classify,
+    default_settings,
+    fit_scans,
+    policy_coefficients,
+    scans_generate,
+    scans_generate_two_pass,
+    signed,
+)
+from safesteer.methods.scans_calibrate import (
+    choose_threshold,
+    outcome_rates,
+    pareto_table,
+    policy_outcomes,
+    refusal_direction,
+    reply_logprobs,
+    windows,
+)
+from safesteer.methods.scans_gate import ProbeGate, fit_probe, out_of_fold
+from safesteer.models import LoadedModel
+from safesteer.steering import steering
+
+QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
+
+
+def _states(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
+    layout = ChatLayout(lm.tokenizer)
+    reply = len(layout.reply_ids("Sure"))
+    return capture(lm, [layout.encode(t, "Sure").input_ids for t in texts], [-1 - reply, -1])
+
+
+def _probe_artifact(lm: LoadedModel, policy: str = "away-only") -> ScansArtifact:
+    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    texts = HARMFUL + BENIGN
+    harmful = [True] * len(HARMFUL) + [False] * len(BENIGN)
+    layers = (0, lm.num_layers - 1)
+    probe = fit_probe(_states(lm, texts), harmful, layers, "last", c=1.0)
+    settings = base.settings.__class__(
+        **{
+            **base.settings.__dict__,
+            "gate": "probe",
+            "policy": policy,
+            "probe_layers": layers,
+            "probe_kind": "last",
+            "threshold": 0.5,
+            "alpha": 0.5,
+            "recipe": "calibrated",
+        }
+    )
+    return ScansArtifact(
+        base.vectors,
+        base.reference,
+        base.layer_norms,
+        settings,
+        base.anchors,
+        base.model_fingerprint,
+        base.calibration,
+        probe,
+    )
+
+
+def test_probe_gate_matches_a_direct_computation(tiny_models: dict[str, LoadedModel]) -> None:
+    lm = tiny_models["llama"]
+    artifact = _probe_artifact(lm)
+    assert artifact.probe is not None
+    decisions = classify(lm, artifact, QUERIES)
+    states = _states(lm, QUERIES)[:, list(artifact.settings.probe_layers)]
+    direct = artifact.probe.probability(states)
+    assert [d.score for d in decisions] == pytest.approx(direct.tolist(), abs=1e-5)
+    assert all(0.0 <= d.score <= 1.0 for d in decisions)
+    assert [d.sigma for d in decisions] == [1 if p >= 0.5 else -1 for p in direct.tolist()]
+    # The paper's transition score is still reported next to the probe's.
+    assert all(d.transition_score is not None and -1 <= d.transition_score <= 1 for d in decisions)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_probe_gate_fused_equals_two_pass(tiny_models: dict[str, LoadedModel], arch: str) -> None:
+    lm = tiny_models[arch]
+    artifact = _probe_artifact(lm, "signed")
+    config = GenerationConfig(max_new_tokens=5)
+    fused = scans_generate(lm, artifact, QUERIES, config, batch_size=4)
+    reference = scans_generate_two_pass(lm, artifact, QUERIES, config, batch_size=4)
+    for a, b in zip(fused, reference, strict=True):
+        assert a.decision.score == pytest.approx(b.decision.score, abs=1e-5)
+        assert a.decision.sigma == b.decision.sigma
+        assert a.token_ids == b.token_ids
+
+
+def test_away_only_leaves_flagged_rows_unsteered(tiny_models: dict[str, LoadedModel]) -> None:
+    lm = tiny_models["llama"]
+    artifact = _probe_artifact(lm, "away-only")
+    assert policy_coefficients(artifact) is away_only
+    assert policy_coefficients(artifact.with_settings(policy="signed")) is signed
+    config = GenerationConfig(max_new_tokens=5)
+    steered = scans_generate(lm, artifact, QUERIES, config, batch_size=6)
+    sigmas = [r.decision.sigma for r in steered]
+    assert set(sigmas) == {-1, 1}, "the tiny probe should flag some rows and pass others"
+    layout = ChatLayout(lm.tokenizer)
+    plain = generate_ids(lm, [layout.prompt_ids(q) for q in QUERIES], config).token_ids
+    for result, ids, sigma in zip(steered, plain, sigmas, strict=True):
+        if sigma > 0:  # flagged: exactly the model's own greedy tokens
+            assert result.token_ids == ids
+    assert any(
+        r.token_ids != ids for r, ids, s in zip(steered, plain, sigmas, strict=True) if s < 0
+    )
+
+
+def test_probe_artifact_round_trip(tiny_models: dict[str, LoadedModel], tmp_path: Path) -> None:
+    lm = tiny_models["llama"]
+    artifact = _probe_artifact(lm)
+    artifact.save(tmp_path / "a")
+    loaded = ScansArtifact.load(tmp_path / "a", lm)
+    assert loaded.settings == artifact.settings
+    assert loaded.probe is not None and artifact.probe is not None
+    assert torch.equal(loaded.probe.weight, artifact.probe.weight)
+    assert [d.score for d in classify(lm, loaded, QUERIES)] == pytest.approx(
+        [d.score for d in classify(lm, artifact, QUERIES)]
+    )
+
+
+def test_reply_logprobs_match_steered_generation(tiny_models: dict[str, LoadedModel]) -> None:
+    """Teacher forcing a greedy reply under steering gives the log-probs generation saw."""
+    lm = tiny_models["llama"]
+    artifact = _probe_artifact(lm)
+    layout = ChatLayout(lm.tokenizer)
+    prompts = [layout.prompt_ids(q) for q in QUERIES[:3]]
+    vectors = artifact.steering_vectors()
+    for coefficient in (0.0, -1.0):
+        for prompt in prompts:  # batch 1: the greedy reply is the argmax at every step
+            with steering(lm, vectors, torch.tensor([coefficient]), len(prompt) - 1):
+                reply = generate_ids(lm, [prompt], GenerationConfig(4)).token_ids[0]
+            batched = reply_logprobs(lm, [prompt] * 2, [reply, reply[:2]], vectors, coefficient)
+            single = reply_logprobs(lm, [prompt], [reply], vectors, coefficient)
+            assert batched[0] == pytest.approx(single[0], abs=1e-5)
+            assert single[0] <= 0.0
+    unsteered = reply_logprobs(lm, prompts, [[5, 6]] * 3)
+    steered = reply_logprobs(lm, prompts, [[5, 6]] * 3, vectors, -1.0)
+    assert not np.allclose(unsteered, steered)
+
+
+def test_out_of_fold_probe_separates_a_planted_direction() -> None:
+    generator = torch.Generator().manual_seed(0)
+    n, hidden = 80, 16
+    states = torch.randn(n, 3, 2, hidden, generator=generator)
+    harmful = [i % 2 == 0 for i in range(n)]
+    states[torch.tensor(harmful), 1, 0, 3] += 3.0  # layer 1, last-token feature 3
+    oof = out_of_fold(states, harmful, [1], "last", c=1.0, folds=4)
+    assert oof[np.asarray(harmful)].mean() > oof[~np.asarray(harmful)].mean() + 0.4
+    gate = fit_probe(states, harmful, [1], "last")
+    again = ProbeGate.from_tensors(gate.tensors(), [1], "last")
+    assert torch.allclose(again.probability(states[:, [1]]), gate.probability(states[:, [1]]))
+
+
+def test_refusal_direction_removes_the_label_axis() -> None:
+    hidden = 4
+    labels = ["safe", "safe", "unsafe", "unsafe"]
+    refused = [True, False, True, False]
+    harm = torch.tensor([0.0, 0.0, 5.0, 5.0])[:, None, None] * torch.eye(hidden)[0]
+    refusal = torch.tensor([1.0, 0.0, 1.0, 0.0])[:, None, None] * torch.eye(hidden)[1]
+    last = harm + refusal  # [4, 1, hidden]
+    direction = refusal_direction(last, labels, refused)
+    assert direction is not None
+    assert torch.allclose(direction[0], torch.eye(hidden)[1], atol=1e-6)
+    assert refusal_direction(last, labels, [False] * 4) is None
+
+
+def test_policy_outcomes_and_threshold_choice() -> None:
+    labels = ["safe", "safe", "unsafe", "unsafe"]
+    prob = np.array([0.1, 0.6, 0.7, 0.9])
+    default = np.array([True, True, True, True])
+    away = np.array([False, False, False, True])
+    toward = np.array([True, True, True, True])
+    assert policy_outcomes(prob, 0.65, default, away, toward, "away-only").tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    table = pareto_table(labels, prob, default, away, toward, "away-only")
+    best = choose_threshold(table, default_unsafe=100.0, unsafe_budget=0.0)
+    assert best["within_budget"]
+    assert (best["safe_refusal"], best["unsafe_refusal"], best["avg"]) == (0.0, 100.0, 100.0)
+    assert 0.6 < best["threshold"] <= 0.7
+    assert outcome_rates(labels, default) == {
+        "safe_refusal": 100.0,
+        "unsafe_refusal": 100.0,
+        "avg": 50.0,
+    }
+    assert windows(24, 4, 2)[0] == (4, 5, 6, 7) and windows(24, 4, 2)[-1][-1] <= 19
+
+
+# ---------------------------------------------------------------------------------------------
+# the validation set
+
+
+def test_written_validation_prompts() -> None:
+    prompts = written_prompts()
+    kinds = {p.meta["kind"] for p in prompts}
+    assert kinds == {"scary-benign", "plain", "harmful"}
+    assert len(prompts) >= 300
+    assert {p.label for p in prompts if p.meta["kind"] == "harmful"} == {"unsafe"}
+    assert {p.label for p in prompts if p.meta["kind"] != "harmful"} == {"safe"}
+    keys = [normalise(p.text) for p in prompts]
+    assert len(keys) == len(set(keys))
+
+
+def test_validation_set_is_disjoint_from_every_test_set(shared_data: Path) -> None:
+    prompts = validation_set(shared_data)
+    forbidden = evaluation_texts(shared_data)
+    assert len(forbidden) > 5000  # every registered test set was read
+    assert not {normalise(p.text) for p in prompts} & forbidden
+    sources = {p.meta.get("source") for p in prompts}
+    assert {
+        "written",
+        "sorry-bench-train",
+        "trustllm-misuse-train",
+        "trustllm-jailbreak-train",
+    } <= sources
+
+
+def test_leak_check_catches_a_planted_test_prompt(shared_data: Path) -> None:
+    forbidden = evaluation_texts(shared_data)
+    xstest = load_test_set("xstest", data_dir=shared_data)[7].text
+    planted = "  " + xstest.upper().replace(" ", "   ") + " "
+    with pytest.raises(DatasetError, match="1 prompt"):
+        assert_disjoint(["a harmless new prompt", planted], forbidden)
+    oktest = load_test_set("oktest", data_dir=shared_data)[0].text
+    with pytest.raises(DatasetError):
+        assert_disjoint([oktest.replace("'", "\u2019")], forbidden)
+    assert_disjoint(["a harmless new prompt"], forbidden)
