@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from safesteer.activations import capture, forward
+from safesteer.activations import _accepts_logits_to_keep, capture, forward
 from safesteer.datasets import Prompt
 from safesteer.generation import GenerationConfig
 from safesteer.judges import is_refusal_strict
@@ -168,12 +168,12 @@ def reply_logprobs(
             *(t.to(lm.device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
         )
         coefficients = torch.full((len(rows),), float(coefficient))
-        if vectors:
-            with steering(lm, vectors, coefficients, width_p - 1):
-                logits = forward(lm, batch, last_logits_only=False, use_cache=False).logits
-        else:
-            logits = forward(lm, batch, last_logits_only=False, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, width_p - 1 : -1].float(), dim=-1)
+        # Only the last width_r + 1 columns' logits are needed (the LM head dominates otherwise).
+        keep = reply_mask.shape[1] + 1
+        extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(lm.model) else {}
+        with steering(lm, vectors or {}, coefficients, width_p - 1):
+            logits = forward(lm, batch, last_logits_only=False, use_cache=False, **extra).logits
+        logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)
         targets = batch.input_ids[:, width_p:]
         token_lp = logp.gather(-1, targets[..., None])[..., 0].cpu()
         token_lp = token_lp.masked_fill(~reply_mask, 0.0)
