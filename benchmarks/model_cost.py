@@ -1,9 +1,9 @@
-"""Cost of a named model on this machine: load time, plain greedy tokens/s at batch 1 and 16, memory.
+"""Cost of a named model here: load time, plain greedy tokens/s at batch 1 and 16, memory.
 
 ``python -m benchmarks.model_cost --model qwen2.5-coder-0.5b`` (the model must be fetched). Load
 time is measured in a fresh subprocess from the converted cache; tokens/s are medians over
-``--reps`` repetitions of a fixed-length greedy decode (no early stop), so every run decodes the same
-number of tokens.
+``--reps`` repetitions of a fixed-length greedy decode (no early stop), so every run decodes the
+same number of tokens.
 """
 
 from __future__ import annotations
