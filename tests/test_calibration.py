@@ -253,3 +253,43 @@ def test_leak_check_catches_a_planted_test_prompt(shared_data: Path) -> None:
     with pytest.raises(DatasetError):
         assert_disjoint([oktest.replace("'", "\u2019")], forbidden)
     assert_disjoint(["a harmless new prompt"], forbidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes: which artifact a run uses
+
+
+def test_recipe_selection() -> None:
+    from safesteer.methods.calibrated import CALIBRATED_DIR
+    from safesteer.runner import RunError, RunOptions, calibrated_for
+
+    qwen = RunOptions(model="qwen2.5-coder-0.5b")
+    assert calibrated_for(qwen) == CALIBRATED_DIR / "qwen2.5-coder-0.5b"
+    assert (CALIBRATED_DIR / "qwen2.5-coder-0.5b" / "manifest.json").is_file()
+    assert calibrated_for(RunOptions(model="qwen-0.5b", recipe="calibrated")) is not None
+    assert calibrated_for(RunOptions(model="qwen2.5-coder-0.5b", recipe="paper")) is None
+    assert calibrated_for(RunOptions(model="qwen2.5-coder-0.5b", seed=3)) is None
+    assert calibrated_for(RunOptions()) is None  # embedded model: nothing shipped, paper recipe
+    with pytest.raises(RunError, match="no calibrated SCANS artifact"):
+        calibrated_for(RunOptions(recipe="calibrated"))
+    with pytest.raises(RunError, match="seed 0"):
+        calibrated_for(RunOptions(model="qwen2.5-coder-0.5b", recipe="calibrated", seed=1))
+    with pytest.raises(RunError, match="unknown recipe"):
+        calibrated_for(RunOptions(recipe="best"))
+
+
+def test_shipped_artifact_is_calibrated_and_refuses_another_model(
+    tiny_models: dict[str, LoadedModel],
+) -> None:
+    from safesteer.artifacts import ArtifactError
+    from safesteer.methods.calibrated import CALIBRATED_DIR
+
+    folder = CALIBRATED_DIR / "qwen2.5-coder-0.5b"
+    artifact = ScansArtifact.load(folder)
+    s = artifact.settings
+    assert (s.recipe, s.gate, s.alpha_mode) == ("calibrated", "probe", "relative")
+    assert s.policy in ("signed", "away-only") and 0.0 < (s.threshold or 0) < 1.0
+    assert artifact.probe is not None and len(s.probe_layers) == 3
+    assert artifact.calibration["cls_layers"] == list(s.cls_layers)
+    with pytest.raises(ArtifactError, match="not on the loaded model"):
+        ScansArtifact.load(folder, tiny_models["qwen2"])

@@ -115,7 +115,7 @@ def fit_or_load(
     A fitted artifact is saved to ``out_dir/artifact``; a resumed run loads it from there.
     """
     fitted_before = out_dir / "artifact" if out_dir is not None and resuming else None
-    bundled = calibrated_for(lm, options)
+    bundled = calibrated_for(options)
     if options.artifact:
         artifact = ScansArtifact.load(options.artifact, lm)
     elif fitted_before is not None and (fitted_before / "manifest.json").exists():
@@ -150,7 +150,7 @@ def fit_or_load(
 RECIPES = ("auto", "paper", "calibrated")
 
 
-def calibrated_for(lm: LoadedModel, options: RunOptions | Any) -> Path | None:
+def calibrated_for(options: RunOptions | Any) -> Path | None:
     """The calibrated artifact shipped for this model, when the recipe asks for it.
 
     ``auto`` (default) uses it when one is shipped and the anchors are the ones it was built on
