@@ -116,7 +116,8 @@ def test_bundled_copies_match_shared_files(data_dir: Path) -> None:
 
 def test_non_permissive_sets_are_not_bundled() -> None:
     shipped = {p.relative_to(BUNDLED_DIR).parts[0] for p in BUNDLED_DIR.rglob("*") if p.is_file()}
-    assert shipped <= {"advbench", "truthfulqa", "xstest", "harmfulq", "README.md"}
+    # validation/ holds prompts written for safesteer itself (Apache-2.0 like the project).
+    assert shipped <= {"advbench", "truthfulqa", "xstest", "harmfulq", "validation", "README.md"}
 
 
 def test_resolve_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from safesteer.datasets import draw_anchors, load_test_set
+from safesteer.datasets.validation import assert_disjoint as check_disjoint
+from safesteer.datasets.validation import normalise
 from safesteer.methods.refusal_bank import refusal_for
 from safesteer.models.sources import require_source
 
@@ -116,11 +118,6 @@ SCARY_BENIGN_VALIDATION: tuple[str, ...] = (
 )
 
 
-def normalise(text: str) -> str:
-    """Lower-case, whitespace-collapsed text used to compare prompts across datasets."""
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
 @dataclass(frozen=True)
 class Example:
     """One supervised example: a user prompt and the assistant reply to learn."""
@@ -155,11 +152,8 @@ def evaluation_texts(data_dir: str | Path | None = None, anchor_seed: int = 0) -
 
 
 def assert_disjoint(prompts: Iterable[str], forbidden: set[str]) -> None:
-    """Raise ``ValueError`` when any prompt's normalised text is an evaluation prompt."""
-    leaked = sorted({p for p in prompts if normalise(p) in forbidden})
-    if leaked:
-        shown = "; ".join(repr(t[:60]) for t in leaked[:3])
-        raise ValueError(f"{len(leaked)} training prompt(s) belong to evaluation sets: {shown}")
+    """Raise (a ``ValueError``) when any prompt's normalised text is an evaluation prompt."""
+    check_disjoint(prompts, forbidden, "training prompt")
 
 
 def _pool(

@@ -39,7 +39,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 _DOWNLOAD_TIMEOUT_S = 60.0
 
 
-class DatasetError(Exception):
+class DatasetError(ValueError):
     """A dataset problem a user can fix; the message names the problem and the fix."""
 
 

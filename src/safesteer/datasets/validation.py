@@ -51,10 +51,10 @@ TRAINING_SAMPLES: tuple[tuple[str, int, int], ...] = (
 
 
 def normalise(text: str) -> str:
-    """Lower-case, quote-folded, whitespace-collapsed text for comparing prompts across sets."""
+    """Case-folded, quote-folded, whitespace-collapsed text for comparing prompts across sets."""
     text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"')
     text = text.replace("\u201d", '"')
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return re.sub(r"\s+", " ", text).strip().casefold()
 
 
 def evaluation_texts(data_dir: str | Path | None = None) -> set[str]:

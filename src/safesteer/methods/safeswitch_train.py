@@ -26,6 +26,7 @@ from torch import nn
 
 from safesteer.activations import TrackedHooks, hidden_of
 from safesteer.datasets import DatasetError, Prompt, load_test_set
+from safesteer.datasets.validation import normalise
 from safesteer.generation import GenerationConfig, generate_ids, length_sorted_batches
 from safesteer.judges import Judge, judge_all
 from safesteer.layout import ChatLayout
@@ -80,11 +81,6 @@ class TrainingPrompt:
     harmful: bool
     source: str
     category: str | None = None
-
-
-def normalise(text: str) -> str:
-    """Text key for overlap checks: case-folded, whitespace collapsed."""
-    return " ".join(text.casefold().split())
 
 
 def _equal_shares(sizes: Sequence[int], n: int) -> list[int]:
