@@ -40,6 +40,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from safesteer.datasets import draw_anchors, load_test_set
+from safesteer.datasets.validation import EVALUATION_SETS as VALIDATION_FORBIDDEN
 from safesteer.datasets.validation import assert_disjoint as check_disjoint
 from safesteer.datasets.validation import normalise
 from safesteer.methods.refusal_bank import refusal_for
@@ -55,19 +56,12 @@ ADAPTER_FILE = "adapter_model.safetensors"
 IGNORE_INDEX = -100
 
 # Sets used to evaluate SCANS / SafeSwitch: none of their prompts may be trained on. AdvBench and
-# TruthfulQA are evaluated on their remainders (everything but the anchors).
-EVALUATION_SETS: tuple[str, ...] = (
-    "xstest",
-    "xstest-current",
-    "oktest",
-    "harmfulq",
-    "malicious",
-    "heldout",
-    "repe",
-    "sorry-bench-eval",
-    "trustllm-misuse-eval",
-    "trustllm-jailbreak-eval",
-    "trustllm-exaggerated-safety",
+# TruthfulQA are evaluated on their remainders (everything but the anchors, which are trained on);
+# the organism's benign training pool is AlpacaEval + TriviaQA (see docs/results.md, issue 6).
+EVALUATION_SETS: tuple[str, ...] = tuple(
+    name
+    for name in VALIDATION_FORBIDDEN
+    if name not in ("advbench", "truthfulqa", "alpaca-eval", "trivia-qa")
 )
 HARMFUL_TRAIN_SETS: tuple[str, ...] = (
     "sorry-bench-train",
