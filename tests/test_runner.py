@@ -113,3 +113,45 @@ def test_cli_run_and_bad_input(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     rows = _rows(out)
     assert [r["label"] for r in rows] == ["safe", "unsafe"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
+        ({"limit": 0}, "--limit must be at least 1"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be at least 1"),
+        ({"multiplier": float("nan")}, "--multiplier must be a finite number"),
+        ({"multiplier": float("inf")}, "--multiplier must be a finite number"),
+        ({"threshold": 2.0}, r"--threshold must lie in \[-1, 1\]"),
+    ],
+)
+def test_bad_values_are_refused_before_loading(
+    changes: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    from safesteer.runner import RunError, RunOptions, check_options
+
+    options = RunOptions(output_dir=str(tmp_path / "out"), **changes)  # type: ignore[arg-type]
+    with pytest.raises(RunError, match=message):
+        check_options(options)
+    with pytest.raises(RunError, match=message):
+        run(options)  # no model given: it must fail before loading one
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file(tmp_path: Path) -> None:
+    from safesteer.runner import RunError, RunOptions
+
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    with pytest.raises(RunError, match="is an existing file"):
+        run(RunOptions(output_dir=str(target)))
+
+
+def test_layer_range_error_names_the_range() -> None:
+    from safesteer.methods.scans import parse_layers
+
+    with pytest.raises(
+        ValueError, match=r"0\.\.23: this model has 24 layers \(out of range: 100\.\.200\)"
+    ):
+        parse_layers("100-200", 24)

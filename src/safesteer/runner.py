@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -316,10 +317,38 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def check_options(options: RunOptions | Any) -> None:
+    """Refuse values that cannot work, before any model is loaded (shared by run and eval)."""
+    problems = []
+    if options.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1 (got {options.batch_size})")
+    if options.limit is not None and options.limit < 1:
+        problems.append(
+            f"--limit must be at least 1, or omitted for all prompts (got {options.limit})"
+        )
+    if getattr(options, "max_new_tokens", 1) < 1:
+        problems.append(f"--max-new-tokens must be at least 1 (got {options.max_new_tokens})")
+    multiplier = getattr(options, "multiplier", None)
+    if multiplier is not None and not math.isfinite(multiplier):
+        problems.append(f"--multiplier must be a finite number (got {multiplier})")
+    threshold = getattr(options, "threshold", None)
+    if threshold is not None and not (math.isfinite(threshold) and -1.0 <= threshold <= 1.0):
+        problems.append(
+            f"--threshold must lie in [-1, 1] (cosine scores; a probe gate's lie in [0, 1]); "
+            f"got {threshold}"
+        )
+    out = Path(options.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output-dir {out} is an existing file; name a folder")
+    if problems:
+        raise RunError("; ".join(problems))
+
+
 def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     """Run SCANS over the test data, writing responses, summary and settings to the output dir."""
     if options.method not in ("scans", "none"):
         raise RunError(f"unknown method {options.method!r}; use scans or none")
+    check_options(options)
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     resuming = _check_resume(out, options)

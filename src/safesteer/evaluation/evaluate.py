@@ -48,7 +48,7 @@ from safesteer.metrics import (
     refusal_rates,
 )
 from safesteer.models import LoadedModel
-from safesteer.runner import RunError, RunOptions, fit_or_load, load_model_for
+from safesteer.runner import RunError, RunOptions, check_options, fit_or_load, load_model_for
 
 log = logging.getLogger(__name__)
 SAFESWITCH_FIT = "fit one with `safesteer fit safeswitch --out DIR`"
@@ -446,6 +446,7 @@ def evaluate(
             raise RunError(
                 f"method(s) {needs_switch} need --safeswitch-artifact DIR ({SAFESWITCH_FIT})"
             )
+    check_options(options)
     judges = build_judges(options)
     suite = Suite("capability", ()) if capability else get_suite(options.suite)
     all_prompts = [] if capability else load_suite_prompts(suite, options.data_dir)

@@ -161,9 +161,13 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
                 layers.append(int(part))
     except ValueError:
         raise ValueError(f"cannot read layers {spec!r}; write e.g. 10-19 or 3,5,7") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
+    bad = sorted({i for i in layers if not 0 <= i < num_layers})
     if bad or not layers:
-        raise ValueError(f"layers {spec!r} must lie in 0..{num_layers - 1} (got {bad or 'none'})")
+        got = "none" if not bad else (f"{bad[0]}..{bad[-1]}" if len(bad) > 3 else str(bad))
+        raise ValueError(
+            f"layers {spec!r} must lie in 0..{num_layers - 1}: this model has {num_layers} "
+            f"layers (out of range: {got})"
+        )
     return tuple(sorted(set(layers)))
 
 
