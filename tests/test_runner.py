@@ -155,3 +155,14 @@ def test_layer_range_error_names_the_range() -> None:
         ValueError, match=r"0\.\.23: this model has 24 layers \(out of range: 100\.\.200\)"
     ):
         parse_layers("100-200", 24)
+
+
+def test_overlong_prompt_is_refused(tiny_models: dict[str, LoadedModel]) -> None:
+    from safesteer.runner import check_prompt_lengths, context_length
+
+    lm = tiny_models["llama"]
+    limit = context_length(lm)
+    assert limit is not None
+    check_prompt_lengths(lm, ["short prompt"], 8)
+    with pytest.raises(RunError, match=r"prompt 1 has .* does not fit the model's context"):
+        check_prompt_lengths(lm, ["short", "word " * (limit * 2)], 8)

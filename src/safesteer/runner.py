@@ -344,6 +344,34 @@ def check_options(options: RunOptions | Any) -> None:
         raise RunError("; ".join(problems))
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """The model's context window in tokens, when its config states one."""
+    config = lm.model.config
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompt_lengths(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse prompts that cannot fit the context window with the reply (instead of hanging)."""
+    limit = context_length(lm)
+    if limit is None:
+        return
+    budget = limit - max_new_tokens - 8  # room for the chat template and the "Sure" prefix
+    for index, text in enumerate(texts):
+        if len(text) <= budget:  # a token covers at least one character
+            continue
+        n_tokens = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n_tokens > budget:
+            raise RunError(
+                f"prompt {index} has {n_tokens:,} tokens ({len(text):,} characters); with "
+                f"{max_new_tokens} new tokens it does not fit the model's context of {limit:,} "
+                "tokens. Shorten or drop it."
+            )
+
+
 def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     """Run SCANS over the test data, writing responses, summary and settings to the output dir."""
     if options.method not in ("scans", "none"):
@@ -359,6 +387,7 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     artifact = fit_or_load(lm, options, out, resuming)
     anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
     prompts = select_prompts(test_prompts, anchors, options)
+    check_prompt_lengths(lm, [p.text for p in prompts], options.max_new_tokens)
     settings = {
         "safesteer_version": __version__,
         "options": asdict(options),

@@ -48,7 +48,14 @@ from safesteer.metrics import (
     refusal_rates,
 )
 from safesteer.models import LoadedModel
-from safesteer.runner import RunError, RunOptions, check_options, fit_or_load, load_model_for
+from safesteer.runner import (
+    RunError,
+    RunOptions,
+    check_options,
+    check_prompt_lengths,
+    fit_or_load,
+    load_model_for,
+)
 
 log = logging.getLogger(__name__)
 SAFESWITCH_FIT = "fit one with `safesteer fit safeswitch --out DIR`"
@@ -493,6 +500,7 @@ def evaluate(
         options.limit,
         options.seed,
     )
+    check_prompt_lengths(lm, [p.text for p in prompts], options.max_new_tokens)
     settings = {
         "safesteer_version": __version__,
         "suite": suite.name,
