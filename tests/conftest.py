@@ -238,10 +238,16 @@ def _torch_threads() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared data folder next to the repository (``../shared/data``), or skip."""
-    root = (Path(__file__).resolve().parent / ".." / ".." / "shared" / "data").resolve()
+    """The data folder: ``$SAFESTEER_DATA_DIR`` when set, else ``../shared/data``; or skip."""
+    from safesteer.datasets.registry import resolve_data_dir
+
+    configured = resolve_data_dir()
+    sibling = (Path(__file__).resolve().parent / ".." / ".." / "shared" / "data").resolve()
+    root = configured.resolve() if configured is not None else sibling
     if not root.is_dir():
-        pytest.skip(f"shared data folder not found at {root}")
+        pytest.skip(
+            f"data folder not found at {root}; set SAFESTEER_DATA_DIR to the shared data folder"
+        )
     return root
 
 
