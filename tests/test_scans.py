@@ -399,6 +399,18 @@ def test_default_settings_scale_with_depth() -> None:
     assert ScansSettings.from_json(settings.to_json()) == settings
 
 
+def test_default_layers_match_the_paper_for_32_and_40_layers() -> None:
+    # SPEC §1.3-1.4: steering 10..19 for 32- and 40-layer models; classification 10..N-1 for the
+    # 7B (32-layer) and 10..18 for the 13B (40-layer) models, the same as the presets.
+    for depth, cls_layers in ((32, range(10, 32)), (40, range(10, 19))):
+        settings = default_settings(depth)
+        assert settings.steer_layers == tuple(range(10, 20))
+        assert settings.cls_layers == tuple(cls_layers)
+    for name, p in PRESETS.items():
+        assert default_settings(p.num_layers).steer_layers == p.steer_layers, name
+        assert default_settings(p.num_layers).cls_layers == p.cls_layers, name
+
+
 def test_presets() -> None:
     preset = default_settings(32, "llama2-7b")
     assert preset.alpha == 3.5

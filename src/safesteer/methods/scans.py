@@ -38,9 +38,9 @@ from safesteer.steering import steering
 
 AlphaMode = Literal["absolute", "relative"]
 Gate = Literal["transition", "probe"]
-Policy = Literal["signed", "away-only"]
+Policy = Literal["signed", "away-only", "banded"]
 GATES: tuple[Gate, ...] = ("transition", "probe")
-POLICIES: tuple[Policy, ...] = ("signed", "away-only")
+POLICIES: tuple[Policy, ...] = ("signed", "away-only", "banded")
 
 # alpha relative to the mean residual norm at each steering layer; chosen on the embedded model's
 # anchors so that steering changes refusals without breaking fluency (see docs/methods.md).
@@ -61,7 +61,10 @@ class ScansSettings:
     # "paper": the published recipe; "calibrated": chosen on the validation set (calibrate.py)
     recipe: str = "paper"
     gate: Gate = "transition"  # the decision: paper transition score, or a linear probe
-    policy: Policy = "signed"  # signed (paper) or away-only (flagged rows left unsteered)
+    # signed (paper); away-only (flagged rows left unsteered); banded (flagged rows steered towards
+    # refusal only when their score reaches ``toward_threshold``, the others left unsteered)
+    policy: Policy = "signed"
+    toward_threshold: float | None = None
     probe_layers: tuple[int, ...] = ()
     probe_kind: FeatureKind = "last"
 
@@ -92,6 +95,9 @@ class ScansSettings:
             recipe=data.get("recipe", "paper"),
             gate=_choice(data.get("gate", "transition"), GATES, "gate"),
             policy=_choice(data.get("policy", "signed"), POLICIES, "policy"),
+            toward_threshold=(
+                None if data.get("toward_threshold") is None else float(data["toward_threshold"])
+            ),
             probe_layers=tuple(int(i) for i in data.get("probe_layers", ())),
             probe_kind=_choice(data.get("probe_kind", "last"), FEATURE_KINDS, "probe_kind"),
         )
@@ -122,11 +128,23 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def scaled_layers(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Steering and classification layers scaled by depth from the 32-layer defaults.
+# The paper's layers for its two depths (SPEC §1.3-1.4): steering 10..19 for both; classification
+# 10..N-1 for the 32-layer 7B models and 10..18 for the 40-layer 13B models.
+PAPER_LAYERS: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    32: (tuple(range(10, 20)), tuple(range(10, 32))),
+    40: (tuple(range(10, 20)), tuple(range(10, 19))),
+}
 
-    Steering: ~31 % to ~62 % of the depth (10..19 of 32); classification: ~31 % to the last layer.
+
+def scaled_layers(num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Steering and classification layers: the paper's for 32 and 40 layers, else scaled by depth.
+
+    Other depths scale the 32-layer defaults: steering ~31 % to ~62 % of the depth (10..19 of 32),
+    classification ~31 % to the last layer. (Scaling is not used for 40 layers: the paper's 13B
+    layers are 10..19 / 10..18, not 12..24 / 12..39.)
     """
+    if num_layers in PAPER_LAYERS:
+        return PAPER_LAYERS[num_layers]
     start = max(1, round(10 / 32 * num_layers))
     stop = max(start + 1, round(20 / 32 * num_layers))
     return tuple(range(start, stop)), tuple(range(start, num_layers))
@@ -447,9 +465,31 @@ def away_only(decisions: list[ScansDecision]) -> torch.Tensor:
     return torch.tensor([-1.0 if d.sigma < 0 else 0.0 for d in decisions])
 
 
+def banded(toward_threshold: float) -> Coefficients:
+    """Away from refusal below T; unsteered in [T, toward_threshold); towards it above."""
+
+    def rule(decisions: list[ScansDecision]) -> torch.Tensor:
+        return torch.tensor(
+            [
+                -1.0 if d.sigma < 0 else (1.0 if d.score >= toward_threshold else 0.0)
+                for d in decisions
+            ]
+        )
+
+    return rule
+
+
 def policy_coefficients(artifact: ScansArtifact) -> Coefficients:
     """The coefficient rule of the artifact's steering policy."""
-    return away_only if artifact.settings.policy == "away-only" else signed
+    settings = artifact.settings
+    if settings.policy == "banded":
+        if settings.toward_threshold is None:
+            raise ValueError(
+                "the banded policy needs `toward_threshold` in the artifact's settings; "
+                "recalibrate with `safesteer calibrate`"
+            )
+        return banded(settings.toward_threshold)
+    return away_only if settings.policy == "away-only" else signed
 
 
 @torch.inference_mode()
