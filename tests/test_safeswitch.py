@@ -242,6 +242,20 @@ def test_calibrated_threshold() -> None:
     assert calibrate_threshold([0.3, 0.7], [1, 1]) == 0.5
 
 
+def test_calibrated_threshold_edge_cases() -> None:
+    assert calibrate_threshold([], []) == 0.5
+    assert calibrate_threshold([0.9], [1]) == 0.5  # one example, one class
+    assert calibrate_threshold([0.2, 0.9], [0, 1]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="3 probabilities for 2 labels"):
+        calibrate_threshold([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(ValueError, match="1 probabilities for 0 labels"):
+        calibrate_threshold([0.1], [])
+    with pytest.raises(ValueError, match="finite"):
+        calibrate_threshold([0.1, float("nan")], [0, 1])
+    with pytest.raises(ValueError, match="0 or 1"):
+        calibrate_threshold([0.1, 0.9], [0, 2])
+
+
 def test_refusal_head_labels_mask_prompt_keep_end_of_turn(
     tiny_models: dict[str, LoadedModel],
 ) -> None:

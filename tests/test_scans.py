@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from safesteer.methods.scans import (
     ScansArtifact,
     ScansResult,
     ScansSettings,
+    calibrate_threshold,
     classify,
     default_settings,
     fit_scans,
@@ -397,6 +399,36 @@ def test_default_settings_scale_with_depth() -> None:
         assert scaled.steer_layers
         assert all(0 <= i < depth for i in scaled.steer_layers + scaled.cls_layers)
     assert ScansSettings.from_json(settings.to_json()) == settings
+
+
+def _transitions(n: int, layers: int = 3, hidden: int = 8, shift: float = 0.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(n * 7 + int(shift * 10))
+    return torch.randn(n, layers, hidden, generator=generator) + shift
+
+
+@pytest.mark.parametrize("n_harmful", [1, 2, 3])
+def test_calibrate_threshold_with_few_harmful_anchors(n_harmful: int) -> None:
+    harmful = _transitions(n_harmful, shift=2.0)
+    benign = _transitions(5, shift=-2.0)
+    first = calibrate_threshold(harmful, benign, [0, 1, 2])
+    second = calibrate_threshold(harmful, benign, [0, 1, 2])
+    assert first == second  # no uninitialised scores: the same inputs give the same result
+    for key in ("threshold", "balanced_accuracy", "harmful_score_mean", "benign_score_mean"):
+        assert math.isfinite(first[key]), key
+    assert -1.0 <= first["harmful_score_mean"] <= 1.0
+    assert -1.0 <= first["benign_score_mean"] <= 1.0
+    if n_harmful == 1:
+        # One harmful anchor cannot be held out: scored in-sample against itself.
+        assert "in-sample" in first["method"]
+        assert first["harmful_score_mean"] == pytest.approx(1.0)
+    else:
+        assert first["method"].startswith(f"{n_harmful}-fold")
+    assert first["balanced_accuracy"] == pytest.approx(1.0)  # well separated
+
+
+def test_calibrate_threshold_needs_both_kinds() -> None:
+    with pytest.raises(ValueError, match="at least one harmful and one benign"):
+        calibrate_threshold(_transitions(0), _transitions(3), [0])
 
 
 def test_default_layers_match_the_paper_for_32_and_40_layers() -> None:

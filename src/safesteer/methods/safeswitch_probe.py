@@ -100,10 +100,17 @@ def train_prober(
 def calibrate_threshold(probs: Sequence[float], labels: Sequence[int]) -> float:
     """The threshold with the best balanced accuracy (midpoints; ties: nearest 0.5).
 
-    One-class or empty validation data gives 0.5.
+    One-class or empty validation data gives 0.5. Probabilities and labels of different lengths,
+    non-finite probabilities or labels other than 0/1 raise ``ValueError``.
     """
-    p = np.asarray(probs, dtype=float)
-    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probs, dtype=float).reshape(-1)
+    y = np.asarray(labels, dtype=int).reshape(-1)
+    if p.size != y.size:
+        raise ValueError(f"{p.size} probabilities for {y.size} labels; give one per label")
+    if not np.isfinite(p).all():
+        raise ValueError("the prober's validation probabilities are not all finite")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got {sorted(set(y.tolist()) - {0, 1})}")
     if p.size == 0 or y.min() == y.max():
         return 0.5
     values = np.unique(p)

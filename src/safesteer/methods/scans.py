@@ -302,6 +302,41 @@ def cosine_scores(
     return cos, cos.mean(dim=1)
 
 
+def _out_of_fold_scores(
+    harmful_transitions: torch.Tensor,
+    benign_transitions: torch.Tensor,
+    layers: list[int],
+    folds: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every anchor against a reference fitted on the other folds' harmful anchors.
+
+    Needs ``2 <= folds <= n_harmful`` so that every fold holds a harmful anchor and leaves one to
+    fit on; every score is then written (checked).
+    """
+    rng = np.random.default_rng(seed)
+    n_h, n_b = harmful_transitions.shape[0], benign_transitions.shape[0]
+    fold_h = rng.permutation(n_h) % folds
+    fold_b = rng.permutation(n_b) % folds
+    scores_h = torch.full((n_h,), float("nan"))
+    scores_b = torch.full((n_b,), float("nan"))
+    for k in range(folds):
+        train = torch.from_numpy(fold_h != k)
+        reference = harmful_transitions[train].mean(dim=0)  # [all layers, hidden]
+        held_h = torch.from_numpy(fold_h == k)
+        held_b = torch.from_numpy(fold_b == k)
+        scores_h[held_h] = cosine_scores(harmful_transitions[held_h][:, layers], reference, layers)[
+            1
+        ]
+        if bool(held_b.any()):
+            scores_b[held_b] = cosine_scores(
+                benign_transitions[held_b][:, layers], reference, layers
+            )[1]
+    if bool(scores_h.isnan().any()) or bool(scores_b.isnan().any()):
+        raise ValueError("calibration left anchors unscored (non-finite transitions?)")
+    return scores_h, scores_b
+
+
 def calibrate_threshold(
     harmful_transitions: torch.Tensor,
     benign_transitions: torch.Tensor,
@@ -310,29 +345,30 @@ def calibrate_threshold(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Pick T from out-of-fold anchor scores: each fold is scored against a reference fitted on
-    the other folds' harmful anchors; T maximises balanced accuracy (midpoint between scores)."""
-    rng = np.random.default_rng(seed)
+    the other folds' harmful anchors; T maximises balanced accuracy (midpoint between scores).
+
+    Fewer harmful anchors than ``folds`` use as many folds as there are harmful anchors; a single
+    harmful anchor cannot be held out, so its scores are in-sample (recorded in ``method``).
+    """
     n_h, n_b = harmful_transitions.shape[0], benign_transitions.shape[0]
-    fold_h = rng.permutation(n_h) % folds
-    fold_b = rng.permutation(n_b) % folds
+    if n_h < 1 or n_b < 1:
+        raise ValueError(
+            "calibrating the threshold needs at least one harmful and one benign anchor"
+        )
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, not {folds}")
     layers = list(cls_layers)
-    scores_h = torch.empty(n_h)
-    scores_b = torch.empty(n_b)
-    for k in range(folds):
-        train = torch.from_numpy(fold_h != k)
-        if not bool(train.any()):
-            continue
-        reference = harmful_transitions[train].mean(dim=0)  # [all layers, hidden]
-        held_h = torch.from_numpy(fold_h == k)
-        held_b = torch.from_numpy(fold_b == k)
-        if bool(held_h.any()):
-            scores_h[held_h] = cosine_scores(
-                harmful_transitions[held_h][:, layers], reference, layers
-            )[1]
-        if bool(held_b.any()):
-            scores_b[held_b] = cosine_scores(
-                benign_transitions[held_b][:, layers], reference, layers
-            )[1]
+    folds = min(folds, n_h)
+    if folds < 2:
+        reference = harmful_transitions.mean(dim=0)
+        scores_h = cosine_scores(harmful_transitions[:, layers], reference, layers)[1]
+        scores_b = cosine_scores(benign_transitions[:, layers], reference, layers)[1]
+        method = "in-sample scores on the anchors (one harmful anchor), max balanced accuracy"
+    else:
+        scores_h, scores_b = _out_of_fold_scores(
+            harmful_transitions, benign_transitions, layers, folds, seed
+        )
+        method = f"{folds}-fold out-of-fold scores on the anchors, max balanced accuracy"
     all_scores = torch.cat([scores_h, scores_b]).sort().values
     candidates = ((all_scores[1:] + all_scores[:-1]) / 2).tolist() or [float(all_scores[0])]
     best_t, best_acc = candidates[0], -1.0
@@ -341,7 +377,7 @@ def calibrate_threshold(
         if acc > best_acc + 1e-12:
             best_t, best_acc = t, acc
     return {
-        "method": f"{folds}-fold out-of-fold scores on the anchors, max balanced accuracy",
+        "method": method,
         "threshold": best_t,
         "balanced_accuracy": best_acc,
         "harmful_score_mean": float(scores_h.mean()),
