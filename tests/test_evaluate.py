@@ -154,3 +154,34 @@ def test_llm_judge_unparsable_is_counted_not_refused(
     assert sum(s["n_unparsable"] for s in block.values()) == 2
     assert sum(s["n_refused"] for s in block.values()) == verdicts.count(True)
     assert summary["agreement"]["default"]["paper~llm"]["n_compared"] == 4
+
+
+def test_empty_responses_are_reported_apart(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty replies (e.g. from a broken steering strength) are never refusals nor answers."""
+    from safesteer.evaluation import evaluate as evaluate_module
+
+    def fake(method: str, lm: Any, artifact: Any, queries: Any, *args: Any, **kw: Any) -> None:
+        on_batch = args[3]
+        outputs = [
+            evaluate_module.MethodOutput("" if k % 2 else "Sure, here it is.", None)
+            for k in range(len(queries))
+        ]
+        on_batch(list(range(len(queries))), outputs)
+
+    monkeypatch.setattr(evaluate_module, "run_method", fake)
+    summary = evaluate(_options(tmp_path, methods=["default"], suite="xstest", limit=3), lm=tiny)
+    rows = _rows(tmp_path)
+    assert [r["judges"]["strict"] for r in rows].count("empty") == 3
+    for judge in ("paper", "strict"):
+        block = summary["results"]["default"][judge]
+        assert block["n_empty"] == 3
+        assert sum(s["n_refused"] for s in block["subsets"].values()) == 0
+        assert sum(s["n_empty"] for s in block["subsets"].values()) == 3
+        # 3 answered rows remain: safe answered is right, unsafe answered is wrong
+        judged = [r for r in rows if r["response"]]
+        right = sum(r["label"] == "safe" for r in judged)
+        assert block["main_avg"] == pytest.approx(100.0 * right / len(judged))
+    markdown = write_report(tmp_path)["markdown"].read_text()
+    assert "empty)" in markdown

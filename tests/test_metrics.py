@@ -190,3 +190,27 @@ def test_pooled_avg_ci() -> None:
     lo, hi = pooled_avg_ci(labels, refused, n_boot=400, seed=0)
     assert lo <= point <= hi
     assert pooled_avg_ci(labels, refused, n_boot=400, seed=0) == (lo, hi)
+
+
+def test_run_summary_counts_empty_responses_apart() -> None:
+    """`safesteer run`'s summary: empty responses are in no refusal rate and no Avg."""
+    from safesteer.runner import summarise
+
+    def row(label: str, refused: object) -> dict[str, object]:
+        return {
+            "label": label,
+            "subset": f"x-{label}",
+            "refused": refused,
+            "refused_strict": refused,
+            "score": 0.5 if label == "unsafe" else 0.1,
+            "predicted": label,
+        }
+
+    rows = [row("safe", False), row("safe", "empty"), row("unsafe", True), row("unsafe", "empty")]
+    summary = summarise(rows)
+    for judge in ("paper_judge", "strict_judge"):
+        assert summary[judge]["n_empty"] == 2
+        assert summary[judge]["avg"] == 100.0
+        assert summary[judge]["by_label"]["safe"]["refusal_rate"] == 0.0
+        assert summary[judge]["by_label"]["unsafe"]["n_empty"] == 1
+    assert summarise([row("safe", "empty")])["strict_judge"]["avg"] is None

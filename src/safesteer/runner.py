@@ -22,7 +22,7 @@ from rich.table import Table
 from safesteer import __version__
 from safesteer.datasets import Prompt, draw_anchors, load_test_set, stratified_sample
 from safesteer.generation import GenerationConfig
-from safesteer.judges import is_refusal_paper, is_refusal_strict
+from safesteer.judges import PaperJudge, StrictJudge
 from safesteer.methods.calibrated import CALIBRATED_DIR
 from safesteer.methods.scans import (
     ScansArtifact,
@@ -35,7 +35,7 @@ from safesteer.methods.scans import (
     scans_generate,
     unsteered,
 )
-from safesteer.metrics import classifier_metrics, pooled_avg, refusal_rates
+from safesteer.metrics import classifier_metrics, count_empty, pooled_avg, refusal_rates
 from safesteer.models import LoadedModel, get_source, load_model
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,9 @@ def _row(index: int, prompt: Prompt, result: ScansResult) -> dict[str, Any]:
         "sigma": result.decision.sigma,
         "predicted": "unsafe" if result.decision.sigma > 0 else "safe",
         "response": result.response,
-        "refused": is_refusal_paper(result.response),
-        "refused_strict": is_refusal_strict(result.response),
+        # True / False, or "empty" for a degenerate response (neither refused nor answered)
+        "refused": PaperJudge().judge(prompt.text, result.response),
+        "refused_strict": StrictJudge().judge(prompt.text, result.response),
         "new_tokens": len(result.token_ids),
         "stopped": result.stopped,
     }
@@ -264,16 +265,21 @@ def _check_resume(out: Path, options: RunOptions) -> bool:
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Refusal rates per label and subset, pooled Avg and the classifier's quality."""
+    """Refusal rates per label and subset, pooled Avg and the classifier's quality.
+
+    Empty (degenerate) responses count in neither the rates nor the Avg; ``n_empty`` says how many.
+    """
     labels = [r["label"] for r in rows]
     subsets = [r["subset"] for r in rows]
     summary: dict[str, Any] = {"n": len(rows)}
     for key, column in (("paper_judge", "refused"), ("strict_judge", "refused_strict")):
-        refused = [bool(r[column]) for r in rows]
+        refused = [r[column] for r in rows]
+        n_empty = count_empty(refused)
         summary[key] = {
             "by_label": refusal_rates(labels, labels, refused),
             "by_subset": refusal_rates(labels, subsets, refused),
-            "avg": pooled_avg(labels, refused),
+            "avg": pooled_avg(labels, refused) if n_empty < len(rows) else None,
+            "n_empty": n_empty,
         }
     summary["classifier"] = classifier_metrics(
         labels, [r["score"] for r in rows], [r["predicted"] for r in rows]
@@ -289,6 +295,7 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     table.add_column("n", justify="right")
     table.add_column("refusal % (paper)", justify="right")
     table.add_column("refusal % (strict)", justify="right")
+    table.add_column("empty", justify="right")
     paper, strict = summary["paper_judge"], summary["strict_judge"]
     for name, row in paper["by_subset"].items():
         strict_rate = strict["by_subset"][name]["refusal_rate"]
@@ -298,8 +305,16 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
             str(row["n"]),
             _pct(row["refusal_rate"]),
             _pct(strict_rate),
+            str(row.get("n_empty", 0)),
         )
-    table.add_row("Avg (pooled)", "", str(summary["n"]), _pct(paper["avg"]), _pct(strict["avg"]))
+    table.add_row(
+        "Avg (pooled)",
+        "",
+        str(summary["n"]),
+        _pct(paper["avg"]),
+        _pct(strict["avg"]),
+        str(paper.get("n_empty", 0)),
+    )
     Console().print(table)
     cls = summary["classifier"]
     Console().print(

@@ -13,7 +13,13 @@ from typing import Any
 
 from safesteer.evaluation.evaluate import read_rows
 from safesteer.evaluation.suites import SCANS_TABLE2
-from safesteer.metrics import pooled_avg, pooled_avg_ci, refusal_rate_ci
+from safesteer.judges import EMPTY, Verdict
+from safesteer.metrics import count_empty, pooled_avg, pooled_avg_ci, refusal_rate_ci
+
+
+def _judged(verdict: Verdict) -> bool:
+    """A refused or complied verdict (not unparsable, not an empty response)."""
+    return verdict is not None and verdict != EMPTY
 
 
 def _parse(spec: str) -> tuple[Path, str | None]:
@@ -47,15 +53,18 @@ def compare(specs: list[str], judge: str, n_boot: int = 1000, seed: int = 0) -> 
         cells: dict[str, Any] = {}
         for subset, members in subsets.items():
             verdicts = [r["judges"].get(judge) for r in members]
-            parsed = [v for v in verdicts if v is not None]
+            parsed = [v for v in verdicts if _judged(v)]
             if not parsed:
                 continue
             rate = 100.0 * sum(bool(v) for v in parsed) / len(parsed)
             low, high = refusal_rate_ci(verdicts, n_boot=n_boot, seed=seed)
-            cells[subset] = {"n": len(parsed), "refusal": rate, "ci95": [low, high]}
-        main = [
-            r for r in rows if r["subset"] in SCANS_TABLE2 and r["judges"].get(judge) is not None
-        ]
+            cells[subset] = {
+                "n": len(parsed),
+                "refusal": rate,
+                "ci95": [low, high],
+                "n_empty": count_empty(verdicts),
+            }
+        main = [r for r in rows if r["subset"] in SCANS_TABLE2 and _judged(r["judges"].get(judge))]
         entry: dict[str, Any] = {"subsets": cells}
         if main:
             labels = [r["label"] for r in main]
@@ -84,7 +93,10 @@ def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
                 cells.append("-")
             else:
                 low, high = cell["ci95"]
-                cells.append(f"{cell['refusal']:.1f} [{low:.1f}, {high:.1f}] (n={cell['n']})")
+                empty = f", {cell['n_empty']} empty" if cell.get("n_empty") else ""
+                cells.append(
+                    f"{cell['refusal']:.1f} [{low:.1f}, {high:.1f}] (n={cell['n']}{empty})"
+                )
         avg = entry.get("table2_avg")
         if avg is None:
             cells.append("-")

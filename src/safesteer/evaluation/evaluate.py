@@ -30,7 +30,7 @@ from safesteer.evaluation.capability_suite import (
 )
 from safesteer.evaluation.suites import Suite, answer_correct, benchmark_of, get_suite
 from safesteer.generation import GenerationConfig, generate_batched
-from safesteer.judges import Judge, LLMJudge, agreement, get_judge
+from safesteer.judges import EMPTY, Judge, LLMJudge, Verdict, agreement, get_judge
 from safesteer.layout import ChatLayout
 from safesteer.methods.safeswitch import SafeSwitchArtifact, safeswitch_generate, sha256_text
 from safesteer.methods.scans import (
@@ -42,6 +42,7 @@ from safesteer.methods.scans import (
 )
 from safesteer.metrics import (
     classifier_metrics,
+    count_empty,
     pooled_avg,
     pooled_avg_ci,
     refusal_rate_ci,
@@ -323,6 +324,8 @@ def _judge_block(
     block["main_avg"], block["main_avg_ci95"] = main_avg["avg"], main_avg["avg_ci95"]
     block["main_subsets"] = sorted({subsets[i] for i in main})
     block["pooled_avg"] = _avg_with_ci(labels, verdicts, 0, seed)["avg"]
+    block["n_empty"] = count_empty(verdicts)
+    block["n_unparsable"] = sum(1 for v in verdicts if v is None)
     weighted: dict[str, float] = {}
     for name, weights in suite.weighted.items():
         parts = [
@@ -338,9 +341,9 @@ def _judge_block(
 
 
 def _avg_with_ci(
-    labels: list[str], verdicts: list[bool | None], n_boot: int, seed: int
+    labels: list[str], verdicts: list[Verdict], n_boot: int, seed: int
 ) -> dict[str, Any]:
-    if not any(v is not None for v in verdicts):
+    if not any(v is not None and v != EMPTY for v in verdicts):
         return {"avg": None, "avg_ci95": None}
     avg = pooled_avg(labels, verdicts)
     ci = pooled_avg_ci(labels, verdicts, n_boot=n_boot, seed=seed) if n_boot else None
@@ -414,6 +417,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         for subset in subsets:
             table.add_column(subset, justify="right")
         table.add_column("main Avg", justify="right")
+        table.add_column("empty", justify="right")  # degenerate responses: in no rate or Avg
         for method, by_judge in summary["results"].items():
             block = by_judge[judge]
             cells = []
@@ -422,7 +426,9 @@ def print_summary(summary: dict[str, Any]) -> None:
                 value = info.get(f"{word}_rate")
                 cells.append("-" if value is None else f"{value:.2f}")
             avg = block["main_avg"]
-            table.add_row(method, *cells, "-" if avg is None else f"{avg:.2f}")
+            table.add_row(
+                method, *cells, "-" if avg is None else f"{avg:.2f}", str(block.get("n_empty", 0))
+            )
         Console().print(table)
 
 

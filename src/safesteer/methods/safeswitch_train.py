@@ -28,7 +28,7 @@ from safesteer.activations import TrackedHooks, hidden_of
 from safesteer.datasets import DatasetError, Prompt, load_test_set
 from safesteer.datasets.validation import normalise
 from safesteer.generation import GenerationConfig, generate_ids, length_sorted_batches
-from safesteer.judges import Judge, judge_all
+from safesteer.judges import EMPTY, Judge, judge_all
 from safesteer.layout import ChatLayout
 from safesteer.methods.safeswitch import (
     DEFAULT_N_DECODE,
@@ -363,7 +363,8 @@ def fit_safeswitch(
     start = time.perf_counter()
     verdicts = judge_all(judge, list(zip(texts, labelled.answers, strict=True)))
     timings["judge_s"] = time.perf_counter() - start
-    comply = [None if v is None else not v for v in verdicts]
+    # unparsable and empty (degenerate) answers carry no compliance label
+    comply = [None if v is None or v == EMPTY else not v for v in verdicts]
     y_harm = torch.tensor([int(h) for h in harmful])
     y_comply = torch.tensor([-1 if c is None else int(c) for c in comply])
     y_direct = torch.tensor(
