@@ -130,6 +130,30 @@ def test_away_only_leaves_flagged_rows_unsteered(tiny_models: dict[str, LoadedMo
     )
 
 
+def test_banded_policy_steers_towards_only_above_its_second_threshold(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    lm = tiny_models["llama"]
+    base = _probe_artifact(lm, "signed")
+    scores = sorted(d.score for d in classify(lm, base, QUERIES))
+    threshold = base.settings.threshold or 0.0
+    flagged = [s for s in scores if s >= threshold]
+    assert len(flagged) >= 2, "the tiny probe should flag at least two rows"
+    toward = (flagged[0] + flagged[-1]) / 2
+    artifact = base.with_settings(policy="banded", toward_threshold=toward)
+    decisions = classify(lm, artifact, QUERIES)
+    coefficients = policy_coefficients(artifact)(decisions).tolist()
+    expected = [
+        -1.0 if d.score < threshold else (1.0 if d.score >= toward else 0.0) for d in decisions
+    ]
+    assert coefficients == expected
+    assert 1.0 in coefficients and 0.0 in coefficients
+    artifact.save(tmp_path / "banded")
+    assert ScansArtifact.load(tmp_path / "banded", lm).settings.toward_threshold == toward
+    with pytest.raises(ValueError, match="toward_threshold"):
+        policy_coefficients(base.with_settings(policy="banded"))
+
+
 def test_probe_artifact_round_trip(tiny_models: dict[str, LoadedModel], tmp_path: Path) -> None:
     lm = tiny_models["llama"]
     artifact = _probe_artifact(lm)
@@ -214,6 +238,37 @@ def test_policy_outcomes_and_threshold_choice() -> None:
     assert windows(24, 4, 2)[0] == (4, 5, 6, 7) and windows(24, 4, 2)[-1][-1] <= 19
 
 
+def test_banded_outcomes_and_the_plain_prompt_budget() -> None:
+    # rows: plain safe, scary safe, unsafe, unsafe
+    labels = ["safe", "safe", "unsafe", "unsafe"]
+    plain = np.array([True, False, False, False])
+    prob = np.array([0.5, 0.2, 0.6, 0.9])
+    default = np.array([False, True, False, True])
+    away = np.array([False, False, False, False])
+    toward = np.array([True, True, True, True])
+    banded = policy_outcomes(prob, 0.4, default, away, toward, "banded", 0.8)
+    assert banded.tolist() == [False, False, False, True]  # 0.5, 0.6 unsteered; 0.9 towards
+    assert policy_outcomes(prob, 0.4, default, away, toward, "signed").tolist() == [
+        True,
+        False,
+        True,
+        True,
+    ]
+    rates = outcome_rates(labels, banded, plain)
+    assert rates["plain_refusal"] == 0.0
+    table = pareto_table(labels, prob, default, away, toward, "banded", plain)
+    assert any(r.get("toward_threshold", 0) > r["threshold"] for r in table)
+    # Without the plain budget signed-like thresholds (T 0.4, everything flagged towards) win on
+    # Avg; with it, the plain prompt (0.5) must not be steered towards refusal.
+    free = choose_threshold(table, default_unsafe=50.0, unsafe_budget=0.0)
+    assert free["avg"] == 100.0
+    kept = choose_threshold(table, 50.0, 0.0, default_plain=0.0, plain_budget=0.0)
+    assert kept["within_budget"] and kept["plain_refusal"] == 0.0
+    assert kept["toward_threshold"] > 0.5 or kept["threshold"] > 0.5
+    with pytest.raises(ValueError, match="toward_threshold"):
+        policy_outcomes(prob, 0.4, default, away, toward, "banded")
+
+
 # ---------------------------------------------------------------------------------------------
 # the validation set
 
@@ -235,8 +290,13 @@ def test_validation_set_is_disjoint_from_every_test_set(shared_data: Path) -> No
     assert len(forbidden) > 5000  # every registered test set was read
     assert not {normalise(p.text) for p in prompts} & forbidden
     sources = {p.meta.get("source") for p in prompts}
+    plain_repe = [p for p in prompts if p.meta["source"] == "repe-train"]
+    assert len(plain_repe) > 50 and {(p.label, p.meta["kind"]) for p in plain_repe} == {
+        ("safe", "plain")
+    }
     assert {
         "written",
+        "repe-train",
         "sorry-bench-train",
         "trustllm-misuse-train",
         "trustllm-jailbreak-train",
@@ -288,7 +348,7 @@ def test_shipped_artifact_is_calibrated_and_refuses_another_model(
     artifact = ScansArtifact.load(folder)
     s = artifact.settings
     assert (s.recipe, s.gate, s.alpha_mode) == ("calibrated", "probe", "relative")
-    assert s.policy in ("signed", "away-only") and 0.0 < (s.threshold or 0) < 1.0
+    assert s.policy in ("signed", "away-only", "banded") and 0.0 < (s.threshold or 0) < 1.0
     assert artifact.probe is not None and len(s.probe_layers) == 3
     assert artifact.calibration["cls_layers"] == list(s.cls_layers)
     with pytest.raises(ArtifactError, match="not on the loaded model"):

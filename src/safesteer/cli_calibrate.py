@@ -38,6 +38,9 @@ def calibrate_command(
     unsafe_budget: Annotated[
         float, typer.Option(help="Largest drop of validation unsafe refusal allowed (points).")
     ] = 2.0,
+    plain_budget: Annotated[
+        float, typer.Option(help="Largest rise of plain-prompt refusal allowed (points).")
+    ] = 2.0,
     fluency_budget: Annotated[
         float, typer.Option(help="Largest relative rise of plain-answer perplexity allowed.")
     ] = 0.10,
@@ -64,6 +67,7 @@ def calibrate_command(
     config = CalibrationConfig(
         alphas=_floats(alphas),
         unsafe_budget=unsafe_budget,
+        plain_budget=plain_budget,
         fluency_budget=fluency_budget,
         gen_tokens=gen_tokens,
         batch_size=batch_size,

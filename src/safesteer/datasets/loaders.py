@@ -271,6 +271,7 @@ _SINGLE_SETS: dict[str, _Loader] = {
     "xstest-current": _xstest_current,
     "oktest": _oktest,
     "repe": _repe,
+    "repe-train": lambda data_dir: _repe(data_dir, "train"),
     "malicious": _malicious,
     "harmfulq": _harmfulq,
     "heldout": _heldout,

@@ -3,9 +3,11 @@
 It combines prompts written for this project (bundled, ``bundled/validation/written.jsonl``:
 safe prompts with alarming words, plain prompts and harmful prompts in the same surface styles)
 with seeded samples of the harmful *training* splits (SORRY-Bench train, TrustLLM misuse and
-jailbreak train),
-read from the data folder. Every prompt is checked, after normalising the text, against every
-evaluation set in the registry; a leak is an error.
+jailbreak train) and the RepE-Data *train* split (harmful and harmless instructions written in the
+same imperative style, so that the gate cannot separate them by style), read from the data folder.
+Every prompt is checked, after normalising the text, against every evaluation set in the
+registry; a leak is an error. (RepE-Data's harmful train rows are AdvBench goals, so they are all
+dropped by that check: only its harmless rows remain.)
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ TRAINING_SAMPLES: tuple[tuple[str, int, int], ...] = (
     ("sorry-bench-train", 60, 400),
     ("trustllm-misuse-train", 40, 400),
     ("trustllm-jailbreak-train", 30, 1500),
+    # Both labels, 128 pairs: harmless instructions are the "plain" prompts the gate must pass.
+    ("repe-train", 256, 400),
 )
 
 
@@ -107,7 +111,7 @@ def written_prompts(path: Path = WRITTEN_FILE) -> list[Prompt]:
 def sampled_training_prompts(
     data_dir: str | Path | None, seed: int, forbidden: set[str]
 ) -> list[Prompt]:
-    """Seeded samples of the harmful training splits (skipped when they are not available)."""
+    """Seeded samples of the training splits (skipped when they are not available)."""
     rng = random.Random(seed)
     out: list[Prompt] = []
     for name, rows, max_chars in TRAINING_SAMPLES:
@@ -117,8 +121,9 @@ def sampled_training_prompts(
             continue
         pool = [p for p in pool if len(p.text) <= max_chars and normalise(p.text) not in forbidden]
         for p in rng.sample(pool, min(rows, len(pool))):
-            meta = {"kind": "harmful", "source": name, **p.meta}
-            out.append(Prompt(p.text, "unsafe", "validation-harmful", meta))
+            kind = "harmful" if p.label == "unsafe" else "plain"
+            meta = {**p.meta, "kind": kind, "source": name}
+            out.append(Prompt(p.text, p.label, f"validation-{kind}", meta))
     return out
 
 

@@ -80,6 +80,17 @@ def _plot_pareto(calibration: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _thresholds(pick: dict[str, Any]) -> str:
+    text = f"T {pick['threshold']:.3f}"
+    if pick.get("toward_threshold") is not None:
+        text += f", towards from {pick['toward_threshold']:.3f}"
+    return text
+
+
+def _plain(rates: dict[str, Any]) -> str:
+    return f" {rates['plain_refusal']:.1f} |" if "plain_refusal" in rates else ""
+
+
 def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
     """Write calibration.md with three PNG plots into ``out``; returns the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -119,24 +130,25 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
         "",
         "## Policy and threshold (validation)",
         "",
-        "| | safe refusal % | unsafe refusal % | Avg |",
-        "|---|---:|---:|---:|",
+        "| | safe refusal % | unsafe refusal % | Avg |"
+        + (" plain-prompt refusal % |" if "plain_refusal" in base else ""),
+        "|---|---:|---:|---:|" + ("---:|" if "plain_refusal" in base else ""),
         f"| default | {base['safe_refusal']:.1f} | {base['unsafe_refusal']:.1f} | "
-        f"{base['avg']:.1f} |",
+        f"{base['avg']:.1f} |{_plain(base)}",
     ]
     for policy, pick in chosen["per_policy"].items():
         lines.append(
-            f"| {policy}, T {pick['threshold']:.3f} | {pick['safe_refusal']:.1f} | "
-            f"{pick['unsafe_refusal']:.1f} | {pick['avg']:.1f} |"
+            f"| {policy}, {_thresholds(pick)} | {pick['safe_refusal']:.1f} | "
+            f"{pick['unsafe_refusal']:.1f} | {pick['avg']:.1f} |{_plain(pick)}"
         )
     for name, rates in chosen["steered_rates"].items():
         lines.append(
             f"| steering {name.replace('_', ' ')} | {rates['safe_refusal']:.1f} | "
-            f"{rates['unsafe_refusal']:.1f} | {rates['avg']:.1f} |"
+            f"{rates['unsafe_refusal']:.1f} | {rates['avg']:.1f} |{_plain(rates)}"
         )
     lines += [
         "",
-        f"Chosen: policy `{chosen['policy']}`, T = {chosen['threshold']:.3f}.",
+        f"Chosen: policy `{chosen['policy']}`, {_thresholds(chosen)}.",
         "",
         "![pareto](pareto.png)",
         "",

@@ -549,7 +549,7 @@ def _fused_batch(
     pad_id = int(lm.tokenizer.pad_token_id)
     reply_len = len(reply_ids)
     batch = left_pad([ids + reply_ids for ids in encoded], pad_id, lm.device)
-    cache = new_cache(lm)
+    cache = new_cache(lm, rollback=True)
     with recording(lm, artifact.settings.recorded_layers, [-1 - reply_len, -1]) as rec:
         forward(lm, batch, past_key_values=cache, use_cache=True)
     decisions = _decisions(artifact, rec.stacked())

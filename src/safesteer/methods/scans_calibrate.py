@@ -15,8 +15,10 @@ Stages (each writes its result to the output folder, so a rerun continues where 
    prompts, under a fluency budget (perplexity of its own answers to plain prompts).
 5. ``away`` / ``toward``: the chosen direction steered away from (and towards) refusal on every
    validation prompt, judged: per-row outcomes.
-6. choose the policy and the threshold T on those outcomes (out-of-fold gate probabilities): the
-   largest validation Avg whose unsafe refusal stays within the budget of the default.
+6. choose the policy (signed, away-only, or banded: towards refusal only above a second threshold)
+   and the threshold(s) on those outcomes (out-of-fold gate probabilities): the largest validation
+   Avg whose unsafe refusal stays within the budget of the default and whose refusal of plain
+   prompts does not rise by more than its budget.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class CalibrationConfig:
     window_stride: int = 2
     fluency_budget: float = 0.10  # largest allowed relative rise of plain-answer perplexity
     unsafe_budget: float = 2.0  # largest allowed drop of validation unsafe refusal (points)
+    plain_budget: float = 2.0  # largest allowed rise of plain-prompt refusal (points)
     gen_tokens: int = 24  # refusals show in the opening of a reply
     probe_layers: int = 3
     batch_size: int = 16
@@ -189,14 +192,25 @@ def windows(num_layers: int, width: int, stride: int) -> list[tuple[int, ...]]:
     return [tuple(range(s, s + width)) for s in range(lo, hi - width + 1, stride)]
 
 
-def outcome_rates(labels: Sequence[str], refused: Sequence[bool] | np.ndarray) -> dict[str, float]:
-    """Refusal % of safe and unsafe rows and the pooled Avg (safe answered + unsafe refused)."""
+def outcome_rates(
+    labels: Sequence[str],
+    refused: Sequence[bool] | np.ndarray,
+    plain: Sequence[bool] | np.ndarray | None = None,
+) -> dict[str, float]:
+    """Refusal % of safe and unsafe rows and the pooled Avg (safe answered + unsafe refused).
+
+    With a ``plain`` mask (ordinary safe prompts without alarming words) also their refusal %.
+    """
     y = np.asarray([lab == "unsafe" for lab in labels])
     r = np.asarray(refused, dtype=bool)
     safe = float(r[~y].mean() * 100) if (~y).any() else float("nan")
     unsafe = float(r[y].mean() * 100) if y.any() else float("nan")
     avg = float(((~r & ~y).sum() + (r & y).sum()) / len(y) * 100)
-    return {"safe_refusal": safe, "unsafe_refusal": unsafe, "avg": avg}
+    rates = {"safe_refusal": safe, "unsafe_refusal": unsafe, "avg": avg}
+    if plain is not None:
+        mask = np.asarray(plain, dtype=bool)
+        rates["plain_refusal"] = float(r[mask].mean() * 100) if mask.any() else float("nan")
+    return rates
 
 
 def policy_outcomes(
@@ -206,11 +220,26 @@ def policy_outcomes(
     refused_away: np.ndarray,
     refused_toward: np.ndarray,
     policy: str,
+    toward_threshold: float | None = None,
 ) -> np.ndarray:
-    """Per-row refusal under a policy when rows with P(harmful) >= threshold are flagged."""
+    """Per-row refusal under a policy when rows with P(harmful) >= threshold are flagged.
+
+    ``banded``: flagged rows are steered towards refusal only from ``toward_threshold`` up.
+    """
     flagged = probabilities >= threshold
-    kept = refused_toward if policy == "signed" else refused_default
+    if policy == "banded":
+        if toward_threshold is None:
+            raise ValueError("the banded policy needs toward_threshold")
+        kept = np.where(probabilities >= toward_threshold, refused_toward, refused_default)
+    else:
+        kept = refused_toward if policy == "signed" else refused_default
     return np.where(flagged, kept, refused_away)
+
+
+def _cuts(probabilities: np.ndarray) -> np.ndarray:
+    """Candidate thresholds: midpoints between the distinct probabilities, plus both ends."""
+    values = np.unique(np.concatenate([[0.0, 1.0], probabilities]))
+    return np.unique(np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.01]]))
 
 
 def pareto_table(
@@ -220,25 +249,62 @@ def pareto_table(
     refused_away: np.ndarray,
     refused_toward: np.ndarray,
     policy: str,
+    plain: Sequence[bool] | np.ndarray | None = None,
+    grid: int = 50,
 ) -> list[dict[str, Any]]:
-    """Validation rates for every candidate threshold (the midpoints of the probabilities)."""
-    values = np.unique(np.concatenate([[0.0, 1.0], probabilities]))
-    cuts = np.unique(np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.01]]))
+    """Validation rates for every candidate threshold (the midpoints of the probabilities).
+
+    ``banded`` has two thresholds: T on the midpoints, the towards-threshold on a grid of
+    ``grid`` quantiles of the probabilities above T (plus "never").
+    """
     table = []
-    for t in cuts:
-        refused = policy_outcomes(
-            probabilities, float(t), refused_default, refused_away, refused_toward, policy
-        )
-        table.append({"threshold": float(t), **outcome_rates(labels, refused)})
+    for t in _cuts(probabilities):
+        towards: list[float | None] = [None]
+        if policy == "banded":
+            above = probabilities[probabilities >= t]
+            quantiles = np.quantile(above, np.linspace(0, 1, grid)) if above.size else []
+            towards = [*sorted({float(t), *map(float, quantiles), 1.01})]
+        for tt in towards:
+            refused = policy_outcomes(
+                probabilities,
+                float(t),
+                refused_default,
+                refused_away,
+                refused_toward,
+                policy,
+                tt,
+            )
+            row: dict[str, Any] = {"threshold": float(t)}
+            if tt is not None:
+                row["toward_threshold"] = tt
+            table.append({**row, **outcome_rates(labels, refused, plain)})
     return table
 
 
 def choose_threshold(
-    table: list[dict[str, Any]], default_unsafe: float, unsafe_budget: float
+    table: list[dict[str, Any]],
+    default_unsafe: float,
+    unsafe_budget: float,
+    default_plain: float | None = None,
+    plain_budget: float | None = None,
 ) -> dict[str, Any]:
-    """Best validation Avg among thresholds keeping unsafe refusal within the budget."""
-    allowed = [r for r in table if r["unsafe_refusal"] >= default_unsafe - unsafe_budget]
-    pool = allowed or table
+    """Best validation Avg among thresholds keeping unsafe refusal within the budget.
+
+    With ``default_plain`` and ``plain_budget`` the plain prompts' refusal must also stay within
+    ``plain_budget`` points above the default (steering must not create new over-refusal); when
+    no row meets both, the unsafe budget alone is kept, then neither.
+    """
+
+    def unsafe_ok(r: dict[str, Any]) -> bool:
+        return bool(r["unsafe_refusal"] >= default_unsafe - unsafe_budget)
+
+    def plain_ok(r: dict[str, Any]) -> bool:
+        if default_plain is None or plain_budget is None:
+            return True
+        return bool(r["plain_refusal"] <= default_plain + plain_budget)
+
+    allowed = [r for r in table if unsafe_ok(r) and plain_ok(r)]
+    pool = allowed or [r for r in table if unsafe_ok(r)] or table
     # Ties: prefer the lower safe refusal, then the middle of the tied range of thresholds.
     best = max(pool, key=lambda r: (round(r["avg"], 6), -r["safe_refusal"]))
     tied = [
@@ -248,6 +314,16 @@ def choose_threshold(
         and abs(r["safe_refusal"] - best["safe_refusal"]) < 1e-9
     ]
     return dict(tied[len(tied) // 2], within_budget=bool(allowed))
+
+
+def frontier(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per threshold T (the best Avg over the towards-threshold, if any): for reports."""
+    best: dict[float, dict[str, Any]] = {}
+    for row in table:
+        kept = best.get(row["threshold"])
+        if kept is None or row["avg"] > kept["avg"]:
+            best[row["threshold"]] = row
+    return [best[t] for t in sorted(best)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +492,8 @@ class Calibrator:
         val_states = states[n_h + n_b :]
         default_replies = self.replies("default", base, 0.0)
         refused = np.asarray([is_refusal_strict(r) for r in default_replies], dtype=bool)
-        default_rates = outcome_rates(self.labels, refused)
+        plain = np.asarray([p.meta.get("kind") == "plain" for p in self.validation])
+        default_rates = outcome_rates(self.labels, refused, plain)
 
         # gate: probe on anchors + validation; thresholds from out-of-fold probabilities
         self.say("choosing the gate (probe layers, features) by cross-validation")
@@ -474,17 +551,27 @@ class Calibrator:
         toward = self.replies("toward", candidate, 1.0)
         refused_away = np.asarray([is_refusal_strict(r) for r in away], dtype=bool)
         refused_toward = np.asarray([is_refusal_strict(r) for r in toward], dtype=bool)
-        pareto = {
+        tables = {
             policy: pareto_table(
-                self.labels, val_prob, refused, refused_away, refused_toward, policy
+                self.labels, val_prob, refused, refused_away, refused_toward, policy, plain
             )
-            for policy in ("signed", "away-only")
+            for policy in POLICIES
         }
         picks = {
-            policy: choose_threshold(table, default_rates["unsafe_refusal"], cfg.unsafe_budget)
-            for policy, table in pareto.items()
+            policy: choose_threshold(
+                table,
+                default_rates["unsafe_refusal"],
+                cfg.unsafe_budget,
+                default_rates["plain_refusal"],
+                cfg.plain_budget,
+            )
+            for policy, table in tables.items()
         }
+        # Ties go to the simpler policy (POLICIES order: signed, away-only, banded).
         policy: Policy = max(POLICIES, key=lambda p: (picks[p]["within_budget"], picks[p]["avg"]))
+        pareto: dict[str, list[dict[str, Any]]] = {
+            name: frontier(table) for name, table in tables.items()
+        }
         chosen = {
             "direction": best["direction"],
             "layers": best["layers"],
@@ -492,16 +579,25 @@ class Calibrator:
             "screen": best,
             "policy": policy,
             "threshold": picks[policy]["threshold"],
-            "validation": {k: picks[policy][k] for k in ("safe_refusal", "unsafe_refusal", "avg")},
+            "toward_threshold": picks[policy].get("toward_threshold"),
+            "validation": {
+                k: picks[policy][k]
+                for k in ("safe_refusal", "unsafe_refusal", "avg", "plain_refusal")
+            },
             "per_policy": picks,
             "steered_rates": {
-                "away_all_rows": outcome_rates(self.labels, refused_away),
-                "toward_all_rows": outcome_rates(self.labels, refused_toward),
+                "away_all_rows": outcome_rates(self.labels, refused_away, plain),
+                "toward_all_rows": outcome_rates(self.labels, refused_toward, plain),
             },
         }
         final = replace(
             candidate,
-            settings=replace(settings, policy=policy, threshold=float(chosen["threshold"])),
+            settings=replace(
+                settings,
+                policy=policy,
+                threshold=float(chosen["threshold"]),
+                toward_threshold=chosen["toward_threshold"],
+            ),
         )
         calibration = Calibration(
             config=asdict(cfg),
@@ -509,6 +605,7 @@ class Calibrator:
                 "safe": int(safe_mask.sum()),
                 "unsafe": int((~safe_mask).sum()),
                 "over_refused_safe": int((safe_mask & refused).sum()),
+                "plain": int(plain.sum()),
             },
             gate=gate_info,
             screen=screen,
