@@ -185,3 +185,38 @@ def test_empty_responses_are_reported_apart(
         assert block["main_avg"] == pytest.approx(100.0 * right / len(judged))
     markdown = write_report(tmp_path)["markdown"].read_text()
     assert "empty)" in markdown
+
+
+def test_judge_added_on_resume_judges_the_earlier_rows(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path
+) -> None:
+    """Bug 2: rows written before `--judge strict` was added get strict verdicts on resume."""
+    from safesteer.judges import StrictJudge
+
+    options = _options(tmp_path, methods=["default"], suite="xstest", limit=2, judges=["paper"])
+    evaluate(options, lm=tiny)
+    first = _rows(tmp_path)
+    assert all(set(r["judges"]) == {"paper"} for r in first)
+    summary = evaluate(_options(tmp_path, methods=["default"], suite="xstest", limit=2), lm=tiny)
+    again = _rows(tmp_path)
+    assert [r["response"] for r in again] == [r["response"] for r in first]  # nothing regenerated
+    assert [r["judges"]["strict"] for r in again] == [
+        StrictJudge().judge(r["prompt"], r["response"]) for r in again
+    ]
+    strict = summary["results"]["default"]["strict"]
+    assert strict["n_unparsable"] == 0
+    assert sum(s["n_unparsable"] for s in strict["subsets"].values()) == 0
+
+
+def test_resume_refuses_rows_of_other_prompts(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path
+) -> None:
+    """Bug 2: a row whose prompt is not the prompt at its index is never reused silently."""
+    options = _options(tmp_path, methods=["default"], suite="xstest", limit=2)
+    evaluate(options, lm=tiny)
+    rows = _rows(tmp_path)
+    rows[1]["prompt"] = "a prompt that is not in the list"
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RunError, match=r"1 row\(s\) whose prompt differs .* id 1"):
+        evaluate(options, lm=tiny)
+    assert _rows(tmp_path) == rows  # the folder is left as it was

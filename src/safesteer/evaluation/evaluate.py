@@ -30,7 +30,7 @@ from safesteer.evaluation.capability_suite import (
 )
 from safesteer.evaluation.suites import Suite, answer_correct, benchmark_of, get_suite
 from safesteer.generation import GenerationConfig, generate_batched
-from safesteer.judges import EMPTY, Judge, LLMJudge, Verdict, agreement, get_judge
+from safesteer.judges import EMPTY, Judge, LLMJudge, Verdict, agreement, get_judge, judge_all
 from safesteer.layout import ChatLayout
 from safesteer.methods.safeswitch import SafeSwitchArtifact, safeswitch_generate, sha256_text
 from safesteer.methods.scans import (
@@ -290,6 +290,61 @@ def read_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return rows
 
 
+def check_resumed_rows(
+    rows: dict[tuple[str, int], dict[str, Any]], prompts: Sequence[Prompt], out: Path
+) -> None:
+    """Refuse rows whose prompt is not the prompt of that index now: methods would otherwise be
+    compared on different prompts (e.g. the data file changed, or a SafeSwitch artifact added on
+    resume excludes its training prompts and shifts the list)."""
+    wrong = [
+        key
+        for key, row in rows.items()
+        if not (0 <= key[1] < len(prompts) and row.get("prompt") == prompts[key[1]].text)
+    ]
+    if wrong:
+        method, index = min(wrong)
+        raise RunError(
+            f"{out} holds {len(wrong)} row(s) whose prompt differs from this run's prompt list "
+            f"(first: method {method!r}, id {index}); the prompts changed since they were "
+            "written (test data edited, or a SafeSwitch artifact that excludes its training "
+            "prompts). Use another --output-dir, or delete the folder to start over."
+        )
+
+
+def add_missing_verdicts(
+    rows: dict[tuple[str, int], dict[str, Any]], judges: dict[str, Judge], methods: Sequence[str]
+) -> dict[str, int]:
+    """Judge rows written before a judge was added (on resume); returns rows judged per judge."""
+    added: dict[str, int] = {}
+    for name, judge in judges.items():
+        missing = [
+            row
+            for (method, _), row in sorted(rows.items())
+            if method in methods and name not in row.get("judges", {})
+        ]
+        if not missing:
+            continue
+        verdicts = judge_all(judge, [(r["prompt"], r["response"]) for r in missing])
+        for row, verdict in zip(missing, verdicts, strict=True):
+            row.setdefault("judges", {})[name] = verdict
+        added[name] = len(missing)
+    return added
+
+
+def write_rows(
+    path: Path, rows: dict[tuple[str, int], dict[str, Any]], methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Rewrite ``responses.jsonl`` atomically, in method then prompt order; returns the rows."""
+    ordered = sorted(
+        rows.values(),
+        key=lambda r: (methods.index(r["method"]) if r["method"] in methods else 99, r["id"]),
+    )
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    tmp.replace(path)
+    return ordered
+
+
 # --------------------------------------------------------------------------------------------
 # summary
 
@@ -521,6 +576,16 @@ def evaluate(
     }
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
     rows = read_rows(responses_path)
+    check_resumed_rows(rows, prompts, out)
+    added = add_missing_verdicts(rows, judges, options.methods)
+    if added:
+        console.print(
+            "Judged earlier rows with the judge(s) added on resume: "
+            + ", ".join(f"{name} ({n} rows)" for name, n in added.items())
+        )
+    if responses_path.exists():
+        # keep the new verdicts, and drop a line cut short by a kill before appending after it
+        write_rows(responses_path, rows, options.methods)
     config = GenerationConfig(options.max_new_tokens, options.repetition_penalty)
     total = len(prompts) * len(options.methods)
     with (
@@ -566,16 +631,7 @@ def evaluate(
                 write,
                 safeswitch=switch,
             )
-    ordered = sorted(
-        rows.values(),
-        key=lambda r: (
-            options.methods.index(r["method"]) if r["method"] in options.methods else 99,
-            r["id"],
-        ),
-    )
-    tmp = responses_path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
-    tmp.replace(responses_path)
+    ordered = write_rows(responses_path, rows, options.methods)
     summary = summarise(ordered, suite, options)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if show:
