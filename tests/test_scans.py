@@ -223,6 +223,64 @@ def test_batched_equals_batch_one(tiny_models: dict[str, LoadedModel], arch: str
     _assert_same_results(batched, two_pass_single, score_tol=1e-5)
 
 
+def _sliding_window_model(tokenizer: PreTrainedTokenizerFast, window: int = 4) -> LoadedModel:
+    """A tiny Mistral whose sliding window is shorter than every chat prompt."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=window,
+        max_position_embeddings=256,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(3)
+    return wrap_model(MistralForCausalLM(config).eval(), tokenizer, name="tiny-mistral-window4")
+
+
+def test_rollback_of_a_sliding_window_cache(tokenizer: PreTrainedTokenizerFast) -> None:
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from safesteer.generation import CacheRollbackError, new_cache, rollback
+
+    lm = _sliding_window_model(tokenizer)
+    ids = torch.arange(10, 20)[None]
+    cache = new_cache(lm)
+    assert all(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+    with torch.no_grad():
+        lm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(CacheRollbackError, match=r"window 4.*10 cached.*rollback=True") as info:
+        rollback(cache, 3)
+    assert "crop" not in str(info.value)  # the project's message, not transformers'
+    # A cache made for rollback drops the positions exactly: the next logits equal a fresh run's.
+    ready = new_cache(lm, rollback=True)
+    with torch.no_grad():
+        lm.model(input_ids=ids, past_key_values=ready, use_cache=True)
+        rollback(ready, 3)
+        assert ready.get_seq_length() == 7
+        resumed = lm.model(input_ids=ids[:, 7:8], past_key_values=ready, use_cache=True).logits
+        fresh = lm.model(input_ids=ids[:, :8], use_cache=False).logits[:, -1:]
+    assert torch.allclose(resumed, fresh, atol=1e-5)
+    assert not any(layer.record_past for layer in ready.layers)  # recording stops after rollback
+
+
+def test_fused_equals_two_pass_with_a_sliding_window(tokenizer: PreTrainedTokenizerFast) -> None:
+    lm = _sliding_window_model(tokenizer)
+    assert min(len(ChatLayout(lm.tokenizer).prompt_ids(q)) for q in QUERIES) > 4
+    artifact = _fitted(lm)
+    config = GenerationConfig(max_new_tokens=6)
+    fused = scans_generate(lm, artifact, QUERIES, config, batch_size=4)
+    reference = scans_generate_two_pass(lm, artifact, QUERIES, config, batch_size=4)
+    _assert_same_results(fused, reference)
+
+
 def test_fused_path_requires_the_cache(tiny_models: dict[str, LoadedModel]) -> None:
     lm = tiny_models["llama"]
     with pytest.raises(ValueError, match="KV cache"):

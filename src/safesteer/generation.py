@@ -122,25 +122,68 @@ def decode_loop(
     return Generated(token_ids, stopped_by_eos.tolist(), steps=len(steps))
 
 
-def new_cache(lm: LoadedModel) -> DynamicCache:
-    """An empty dynamic KV cache for ``lm``."""
-    return DynamicCache(config=lm.model.config)
+class CacheRollbackError(RuntimeError):
+    """A KV cache cannot drop its last positions (e.g. a sliding-window cache past its window)."""
+
+
+def new_cache(lm: LoadedModel, *, rollback: bool = False) -> DynamicCache:
+    """An empty dynamic KV cache for ``lm``.
+
+    ``rollback=True`` makes sliding-window layers keep the positions they would drop until the
+    next :func:`rollback`, so that the cache can be rolled back once (SCANS' shared prefill).
+    """
+    cache = DynamicCache(config=lm.model.config)
+    if rollback and hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+    return cache
+
+
+def _stop_recording(cache: Any) -> None:
+    for layer in getattr(cache, "layers", ()):
+        if getattr(layer, "record_past", False):
+            layer.record_past = False
 
 
 def rollback(cache: Any, tokens: int) -> None:
-    """Drop the last ``tokens`` positions from a KV cache.
+    """Drop the last ``tokens`` positions from a KV cache (and stop sliding-window recording).
 
     transformers 5 takes a negative count; older releases took the absolute length to keep.
+    Raises :class:`CacheRollbackError` when the cache cannot do it: a sliding-window cache whose
+    window was exceeded, unless it was made with ``new_cache(lm, rollback=True)``.
     """
     if tokens <= 0:
         return
-    keep = cache.get_seq_length() - tokens
+    length = cache.get_seq_length()
+    keep = length - tokens
     try:
-        cache.crop(-tokens)
-    except ValueError:
-        cache.crop(keep)
+        try:
+            cache.crop(-tokens)
+        except ValueError:
+            cache.crop(keep)
+    except (RuntimeError, ValueError) as exc:
+        raise CacheRollbackError(_rollback_message(cache, tokens, length)) from exc
     if cache.get_seq_length() != keep:
-        raise RuntimeError("the KV cache could not be rolled back (sliding-window cache?)")
+        raise CacheRollbackError(_rollback_message(cache, tokens, length))
+    _stop_recording(cache)
+
+
+def _rollback_message(cache: Any, tokens: int, length: int) -> str:
+    windows = sorted(
+        {int(w) for w in (getattr(layer, "sliding_window", None) for layer in cache.layers) if w}
+        if hasattr(cache, "layers")
+        else set()
+    )
+    why = (
+        f"its sliding-window layers (window {', '.join(map(str, windows))}) already dropped "
+        f"positions of the {length} cached"
+        if windows
+        else f"the cache ({type(cache).__name__}, {length} positions) does not support cropping"
+    )
+    return (
+        f"Cannot roll the KV cache back by {tokens} tokens: {why}. Make the cache with "
+        "`new_cache(lm, rollback=True)` (SCANS does), or use the two-pass path "
+        "(`scans_generate_two_pass`), which needs no rollback."
+    )
 
 
 @torch.inference_mode()
