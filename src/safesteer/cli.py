@@ -111,7 +111,11 @@ def run(
     ] = None,
     layers: Annotated[str | None, typer.Option(help="Steering layers, e.g. 10-19.")] = None,
     cls_layers: Annotated[
-        str | None, typer.Option(help="Classification layers, e.g. 10-31.")
+        str | None,
+        typer.Option(
+            help="Classification layers, e.g. 10-31; T is recalibrated for them on the "
+            "artifact's anchors unless --threshold is given."
+        ),
     ] = None,
     anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
     threshold: Annotated[
@@ -178,7 +182,9 @@ def fit_scans_command(
     seed: SeedOpt = 0,
     multiplier: Annotated[float | None, typer.Option(help="Steering strength alpha.")] = None,
     layers: Annotated[str | None, typer.Option(help="Steering layers, e.g. 10-19.")] = None,
-    cls_layers: Annotated[str | None, typer.Option(help="Classification layers.")] = None,
+    cls_layers: Annotated[
+        str | None, typer.Option(help="Classification layers (T is calibrated on them).")
+    ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="Threshold T (default: calibrated).")
     ] = None,

@@ -32,6 +32,7 @@ from safesteer.methods.scans import (
     fit_scans,
     parse_layers,
     policy_coefficients,
+    recalibrate_threshold,
     scans_generate,
     unsteered,
 )
@@ -131,6 +132,9 @@ def fit_or_load(
         settings = default_settings(lm.num_layers, options.preset)
         if options.system_prompt is not None:
             settings = replace(settings, system_prompt=options.system_prompt)
+        if options.cls_layers:
+            # calibrate T on the requested classification layers, not on the default ones
+            settings = replace(settings, cls_layers=parse_layers(options.cls_layers, lm.num_layers))
         anchors = draw_anchors(options.anchor_size, options.seed, options.data_dir)
         with console.status(
             f"Fitting SCANS on {len(anchors.harmful)}+{len(anchors.benign)} anchors"
@@ -181,14 +185,36 @@ def calibrated_for(options: RunOptions | Any) -> Path | None:
 
 
 def apply_overrides(artifact: ScansArtifact, lm: LoadedModel, options: RunOptions) -> ScansArtifact:
-    """Command-line values for alpha, layers and threshold replace the artifact's."""
+    """Command-line values for alpha, layers and threshold replace the artifact's.
+
+    New classification layers (``--cls-layers``) without ``--threshold`` recalibrate T for them
+    on the artifact's anchors (the transition gate's T belongs to the layers it was calibrated
+    on); an artifact without its anchors is refused with a message.
+    """
     changes: dict[str, Any] = {}
     if options.multiplier is not None:
         changes["alpha"] = options.multiplier
     if options.layers:
         changes["steer_layers"] = parse_layers(options.layers, lm.num_layers)
     if options.cls_layers:
-        changes["cls_layers"] = parse_layers(options.cls_layers, lm.num_layers)
+        cls_layers = parse_layers(options.cls_layers, lm.num_layers)
+        settings = artifact.settings
+        needs_new_t = (
+            settings.gate == "transition"
+            and options.threshold is None
+            and cls_layers != settings.calibrated_layers
+        )
+        if needs_new_t:
+            with console.status(f"Recalibrating T for classification layers {options.cls_layers}"):
+                artifact = recalibrate_threshold(
+                    lm, artifact, cls_layers, batch_size=options.batch_size
+                )
+            console.print(
+                f"Threshold recalibrated on the anchors for classification layers "
+                f"{options.cls_layers}: T = {artifact.settings.threshold:.4f}"
+            )
+        else:
+            changes["cls_layers"] = cls_layers
     if options.threshold is not None:
         changes["threshold"] = options.threshold
     return artifact.with_settings(**changes) if changes else artifact

@@ -67,6 +67,9 @@ class ScansSettings:
     toward_threshold: float | None = None
     probe_layers: tuple[int, ...] = ()
     probe_kind: FeatureKind = "last"
+    # The classification layers T was calibrated (or chosen) on; None in older artifacts, where it
+    # is ``cls_layers``. A transition-gate T is only valid for these layers.
+    threshold_layers: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -74,7 +77,14 @@ class ScansSettings:
         data["steer_layers"] = list(self.steer_layers)
         data["cls_layers"] = list(self.cls_layers)
         data["probe_layers"] = list(self.probe_layers)
+        if self.threshold_layers is not None:
+            data["threshold_layers"] = list(self.threshold_layers)
         return data
+
+    @property
+    def calibrated_layers(self) -> tuple[int, ...]:
+        """The classification layers the threshold belongs to."""
+        return self.cls_layers if self.threshold_layers is None else self.threshold_layers
 
     @property
     def recorded_layers(self) -> tuple[int, ...]:
@@ -100,6 +110,11 @@ class ScansSettings:
             ),
             probe_layers=tuple(int(i) for i in data.get("probe_layers", ())),
             probe_kind=_choice(data.get("probe_kind", "last"), FEATURE_KINDS, "probe_kind"),
+            threshold_layers=(
+                None
+                if data.get("threshold_layers") is None
+                else tuple(int(i) for i in data["threshold_layers"])
+            ),
         )
 
 
@@ -193,6 +208,14 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _span(layers: Sequence[int]) -> str:
+    """``10..19`` for a contiguous run of layers, else the list."""
+    items = list(layers)
+    if items and items == list(range(items[0], items[-1] + 1)) and len(items) > 2:
+        return f"{items[0]}..{items[-1]}"
+    return str(items)
+
+
 @dataclass
 class ScansArtifact:
     """Fitted SCANS state: unit refusal vectors, unsafe reference transitions, residual norms."""
@@ -224,8 +247,27 @@ class ScansArtifact:
         }
 
     def with_settings(self, **changes: Any) -> ScansArtifact:
-        """A copy with some settings replaced (e.g. ``alpha=2.0``)."""
-        return replace(self, settings=replace(self.settings, **changes))
+        """A copy with some settings replaced (e.g. ``alpha=2.0``).
+
+        New classification layers without a new threshold are refused for the transition gate:
+        T was calibrated on the old layers (use :func:`recalibrate_threshold`, or pass
+        ``threshold`` too). A new threshold is recorded as belonging to the (new) layers.
+        """
+        settings = self.settings
+        new_layers = tuple(changes.get("cls_layers", settings.cls_layers))
+        if "threshold" in changes:
+            changes["threshold_layers"] = new_layers
+        elif (
+            settings.gate == "transition"
+            and "threshold_layers" not in changes
+            and new_layers != settings.calibrated_layers
+        ):
+            raise ValueError(
+                f"the threshold T={settings.threshold} was calibrated on classification layers "
+                f"{_span(settings.calibrated_layers)}, not {_span(new_layers)}; recalibrate it "
+                "on the anchors (recalibrate_threshold) or give a threshold as well"
+            )
+        return replace(self, settings=replace(settings, **changes))
 
     def save(self, directory: str | Path) -> Path:
         """Write the artifact (safetensors + manifest.json)."""
@@ -411,6 +453,8 @@ def fit_scans(
     calibration = calibrate_threshold(trans_h, trans_b, settings.cls_layers, seed=seed)
     if settings.threshold is None:
         settings = replace(settings, threshold=float(calibration["threshold"]))
+    # the preset's or the calibrated T: either way it belongs to these classification layers
+    settings = replace(settings, threshold_layers=settings.cls_layers)
     anchors = {
         "seed": seed,
         "harmful": list(harmful),
@@ -421,6 +465,46 @@ def fit_scans(
     return ScansArtifact(
         vectors, reference, layer_norms, settings, anchors, lm.fingerprint(), calibration
     )
+
+
+@torch.inference_mode()
+def recalibrate_threshold(
+    lm: LoadedModel,
+    artifact: ScansArtifact,
+    cls_layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+) -> ScansArtifact:
+    """The artifact with classification layers ``cls_layers`` and T recalibrated for them on the
+    artifact's own anchors (same folds and seed as at fit time; vectors and d_l are unchanged).
+
+    Raises :class:`ArtifactError` when the artifact does not hold its anchor prompts.
+    """
+    harmful = list(artifact.anchors.get("harmful") or [])
+    benign = list(artifact.anchors.get("benign") or [])
+    if not harmful or not benign:
+        raise ArtifactError(
+            "this SCANS artifact does not hold its anchor prompts, so its threshold cannot be "
+            f"recalibrated for classification layers {_span(cls_layers)}; give a threshold "
+            "(--threshold) with the layers, or refit with them (safesteer fit scans --cls-layers)"
+        )
+    settings = artifact.settings
+    layers = tuple(cls_layers)
+    layout = ChatLayout(lm.tokenizer, settings.system_prompt)
+    states_h = _transition_states(lm, layout, harmful, settings.reply_prefix, batch_size)
+    states_b = _transition_states(lm, layout, benign, settings.reply_prefix, batch_size)
+    trans_h = states_h[:, :, 0] - states_h[:, :, 1]
+    trans_b = states_b[:, :, 0] - states_b[:, :, 1]
+    seed = int(artifact.anchors.get("seed", 0))
+    calibration = calibrate_threshold(trans_h, trans_b, layers, seed=seed)
+    calibration["recalibrated_for_cls_layers"] = list(layers)
+    new_settings = replace(
+        settings,
+        cls_layers=layers,
+        threshold=float(calibration["threshold"]),
+        threshold_layers=layers,
+    )
+    return replace(artifact, settings=new_settings, calibration=calibration)
 
 
 @dataclass
