@@ -52,6 +52,13 @@ DeviceMapOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed for anchors, sampling and calibration.")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per batch.")]
+TruncateOpt = Annotated[
+    str,
+    typer.Option(
+        help="A prompt too long for the model's context with --max-new-tokens: none (refuse it "
+        "with a message) or left (cut it from the left, keeping its last tokens)."
+    ),
+]
 RecipeOpt = Annotated[
     str,
     typer.Option(
@@ -137,6 +144,7 @@ def run(
         str, typer.Option(help="scans (steer) or none (decide but do not steer: the baseline).")
     ] = "scans",
     recipe: RecipeOpt = "auto",
+    truncate: TruncateOpt = "none",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
@@ -168,6 +176,7 @@ def run(
         dtype=dtype,
         device=_device(device),
         device_map=device_map,
+        truncate=truncate,
     )
     with _user_errors(RunError):
         run_job(options)
@@ -332,6 +341,7 @@ def eval_command(
     judge_model: Annotated[str | None, typer.Option(help="Model name for the llm judge.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95 % intervals.")] = 1000,
     recipe: RecipeOpt = "auto",
+    truncate: TruncateOpt = "none",
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
@@ -363,6 +373,7 @@ def eval_command(
         dtype=dtype,
         device=_device(device),
         device_map=device_map,
+        truncate=truncate,
     )
     with _user_errors(RunError, JudgeRequestError):
         evaluate(options)

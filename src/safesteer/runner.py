@@ -23,6 +23,7 @@ from safesteer import __version__
 from safesteer.datasets import Prompt, draw_anchors, load_test_set, stratified_sample
 from safesteer.generation import GenerationConfig
 from safesteer.judges import PaperJudge, StrictJudge
+from safesteer.layout import ChatLayout
 from safesteer.methods.calibrated import CALIBRATED_DIR
 from safesteer.methods.scans import (
     ScansArtifact,
@@ -73,6 +74,7 @@ class RunOptions:
     dtype: str = "auto"
     device: str = "cpu"
     device_map: str | None = None
+    truncate: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def resume_key(self) -> dict[str, Any]:
@@ -95,7 +97,10 @@ class RunOptions:
             "method",
             "recipe",
         ]
-        return {k: getattr(self, k) for k in keep}
+        key = {k: getattr(self, k) for k in keep}
+        if self.truncate != "none":  # absent when off, so folders of older versions still resume
+            key["truncate"] = self.truncate
+        return key
 
 
 def load_model_for(options: RunOptions | Any) -> LoadedModel:
@@ -378,6 +383,9 @@ def check_options(options: RunOptions | Any) -> None:
             f"--threshold must lie in [-1, 1] (cosine scores; a probe gate's lie in [0, 1]); "
             f"got {threshold}"
         )
+    truncate = getattr(options, "truncate", "none")
+    if truncate not in TRUNCATE:
+        problems.append(f"--truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r})")
     out = Path(options.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--output-dir {out} is an existing file; name a folder")
@@ -395,22 +403,76 @@ def context_length(lm: LoadedModel) -> int | None:
     return None
 
 
-def check_prompt_lengths(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int) -> None:
-    """Refuse prompts that cannot fit the context window with the reply (instead of hanging)."""
+# What to do with a prompt longer than the context leaves room for: refuse it, or keep its end.
+TRUNCATE = ("none", "left")
+
+
+def fit_prompt_lengths(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    truncate: str = "none",
+    system_prompts: Sequence[str | None] = (None,),
+    reply_prefix: str = "Sure",
+) -> list[str]:
+    """The prompts as the model will see them: each must fit the context window together with
+    the chat template (with any of ``system_prompts``), the reply prefix and ``max_new_tokens``.
+
+    A longer prompt is refused with its index and token count (never a hang), or with
+    ``truncate="left"`` cut from the left to its last tokens that fit (with a warning).
+    """
+    if truncate not in TRUNCATE:
+        raise RunError(f"--truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r})")
     limit = context_length(lm)
     if limit is None:
-        return
-    budget = limit - max_new_tokens - 8  # room for the chat template and the "Sure" prefix
+        return list(texts)
+    tokenizer = lm.tokenizer
+    overhead = max(
+        len(ChatLayout(tokenizer, system).encode("x", reply_prefix).input_ids)
+        for system in system_prompts
+    )
+    budget = limit - max_new_tokens - overhead - 4  # a few spare for merges at the joins
+    if budget < 1:
+        raise RunError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {limit:,} tokens ({overhead} go to the chat template); lower it."
+        )
+    fitted: list[str] = []
     for index, text in enumerate(texts):
-        if len(text) <= budget:  # a token covers at least one character
+        if len(text.encode("utf-8")) <= budget:  # a token covers at least one byte
+            fitted.append(text)
             continue
-        n_tokens = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n_tokens > budget:
+        ids = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+        if len(ids) <= budget:
+            fitted.append(text)
+            continue
+        if truncate != "left":
             raise RunError(
-                f"prompt {index} has {n_tokens:,} tokens ({len(text):,} characters); with "
+                f"prompt {index} has {len(ids):,} tokens ({len(text):,} characters); with "
                 f"{max_new_tokens} new tokens it does not fit the model's context of {limit:,} "
-                "tokens. Shorten or drop it."
+                f"tokens (at most {budget:,} prompt tokens). Shorten or drop it, or pass "
+                "--truncate left to keep its last tokens."
             )
+        keep = budget
+        while True:  # decoding and re-encoding can merge differently at the cut
+            cut = str(tokenizer.decode(ids[-keep:]))
+            if len(tokenizer(cut, add_special_tokens=False)["input_ids"]) <= budget or keep == 1:
+                break
+            keep -= 1
+        log.warning(
+            "prompt %d has %d tokens; truncated from the left to its last %d", index, len(ids), keep
+        )
+        console.print(
+            f"[yellow]prompt {index}: {len(ids):,} tokens, truncated from the left to its last "
+            f"{keep:,}[/yellow]"
+        )
+        fitted.append(cut)
+    return fitted
+
+
+def check_prompt_lengths(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int) -> None:
+    """Refuse prompts that cannot fit the context window with the reply (instead of hanging)."""
+    fit_prompt_lengths(lm, texts, max_new_tokens)
 
 
 def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
@@ -428,7 +490,14 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     artifact = fit_or_load(lm, options, out, resuming)
     anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
     prompts = select_prompts(test_prompts, anchors, options)
-    check_prompt_lengths(lm, [p.text for p in prompts], options.max_new_tokens)
+    model_texts = fit_prompt_lengths(
+        lm,
+        [p.text for p in prompts],
+        options.max_new_tokens,
+        options.truncate,
+        [artifact.settings.system_prompt],
+        artifact.settings.reply_prefix,
+    )
     settings = {
         "safesteer_version": __version__,
         "options": asdict(options),
@@ -479,7 +548,7 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
             scans_generate(
                 lm,
                 artifact,
-                [prompts[i].text for i in todo],
+                [model_texts[i] for i in todo],
                 config,
                 batch_size=options.batch_size,
                 coefficients=coefficients,

@@ -53,8 +53,8 @@ from safesteer.runner import (
     RunError,
     RunOptions,
     check_options,
-    check_prompt_lengths,
     fit_or_load,
+    fit_prompt_lengths,
     load_model_for,
 )
 
@@ -98,11 +98,14 @@ class EvalOptions:
     dtype: str = "auto"
     device: str = "cpu"
     device_map: str | None = None
+    truncate: str = "none"
 
     def resume_key(self) -> dict[str, Any]:
         """Settings that must match for a folder to be continued (methods and judges may grow)."""
         skip = {"methods", "judges", "batch_size", "output_dir", "device", "device_map", "dtype"}
         skip |= {"judge_url", "bootstrap"}
+        if self.truncate == "none":  # absent when off, so folders of older versions still resume
+            skip.add("truncate")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -561,7 +564,17 @@ def evaluate(
         options.limit,
         options.seed,
     )
-    check_prompt_lengths(lm, [p.text for p in prompts], options.max_new_tokens)
+    systems: list[str | None] = [artifact.settings.system_prompt]
+    if "prompt" in options.methods:
+        systems.append(SAFETY_SYSTEM_PROMPT)
+    model_texts = fit_prompt_lengths(
+        lm,
+        [p.text for p in prompts],
+        options.max_new_tokens,
+        options.truncate,
+        systems,
+        artifact.settings.reply_prefix,
+    )
     settings = {
         "safesteer_version": __version__,
         "suite": suite.name,
@@ -624,7 +637,7 @@ def evaluate(
                 method,
                 lm,
                 artifact,
-                [prompts[i].text for i in todo],
+                [model_texts[i] for i in todo],
                 config,
                 options.batch_size,
                 options.seed,
