@@ -131,6 +131,7 @@ def test_packaged_adapter_matches_its_note() -> None:
 
 @pytest.mark.slow
 def test_organism_loads_merged_and_differs_from_base() -> None:
+    from safesteer.artifacts import ArtifactError, check_model
     from safesteer.models import EMBEDDED_ID, ModelLoadError, load_model
 
     if not (ORGANISM_DIR / ADAPTER_FILE).is_file():
@@ -149,4 +150,19 @@ def test_organism_loads_merged_and_differs_from_base() -> None:
         k for k, v in organism.model.state_dict().items() if not torch.equal(v, base_state[k])
     ]
     assert changed and all(k.endswith("proj.weight") for k in changed)
-    assert organism.fingerprint()["checksums"] != base.fingerprint()["checksums"] or changed
+    # The fingerprint tells the fine-tune from its base (same config and chat template): an
+    # artifact fitted on one is refused on the other, naming both models, the layers and the fix.
+    base_fp, organism_fp = base.fingerprint(), organism.fingerprint()
+    assert base_fp["config"] == organism_fp["config"]
+    assert base_fp["chat_template_sha256"] == organism_fp["chat_template_sha256"]
+    tuned_layers = sorted({int(k.split("layers.")[1].split(".")[0]) for k in changed})
+    span = f"decoder layers {tuned_layers[0]}-{tuned_layers[-1]}"
+    assert tuned_layers == list(range(tuned_layers[0], tuned_layers[-1] + 1))
+    for fitted_on, loaded in ((base, organism), (organism, base)):
+        with pytest.raises(ArtifactError) as info:
+            check_model({"model_fingerprint": fitted_on.fingerprint()}, loaded, "ARTIFACT")
+        message = str(info.value)
+        assert f"fitted on {fitted_on.name!r}, not on the loaded model {loaded.name!r}" in message
+        assert f"the weights differ in {span} " in message
+        assert "safesteer fit scans" in message
+    check_model({"model_fingerprint": base_fp}, base, "ARTIFACT")  # its own model passes

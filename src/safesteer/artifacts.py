@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 from datetime import UTC, datetime
@@ -14,7 +15,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from safesteer import __version__
-from safesteer.models import LoadedModel, fingerprint_mismatch
+from safesteer.models import LoadedModel, fingerprint_mismatch, legacy_checksums
+from safesteer.models.fingerprint import is_legacy
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -89,14 +93,36 @@ def load_artifact(
 
 
 def check_model(manifest: dict[str, Any], lm: LoadedModel, directory: str | Path) -> None:
-    """Fail with a clear message when the artifact was fitted on another model."""
+    """Fail with a clear message when the artifact was fitted on another model.
+
+    Config facts, the chat-template hash and exact hashes of sampled weight rows must match
+    (:mod:`safesteer.models.fingerprint`), so a fine-tune of the same base is refused. Artifacts
+    written before those hashes existed (fingerprint version 1: checksums with a 2 % tolerance,
+    e.g. the calibrated artifacts shipped in ``safesteer/methods/calibrated``) are still loaded when
+    config, chat template and checksums match, with a warning: they cannot tell a fine-tune apart.
+    """
     expected = manifest.get("model_fingerprint")
-    if expected is None:
-        raise ArtifactError(f"{directory} has no model fingerprint in its manifest.")
-    problem = fingerprint_mismatch(expected, lm.fingerprint())
+    if not isinstance(expected, dict):
+        raise ArtifactError(
+            f"{directory} has no model fingerprint in its manifest; refit it "
+            "(`safesteer fit scans --model ... --out DIR`)."
+        )
+    legacy = is_legacy(expected)
+    problem = fingerprint_mismatch(
+        expected, lm.fingerprint(), legacy_checksums(lm) if legacy else None
+    )
     if problem is not None:
         raise ArtifactError(
             f"The artifact in {directory} was fitted on {expected.get('name')!r}, not on the "
             f"loaded model {lm.name!r}: {problem}. Fit a new artifact for this model "
             "(`safesteer fit scans --model ... --out DIR`) or load the model it was made for."
+        )
+    if legacy:
+        log.warning(
+            "%s has a version-1 model fingerprint (weight checksums with a 2 %% tolerance), which "
+            "cannot tell fine-tunes of one base model apart; it was accepted because the config, "
+            "chat template and checksums match %r. Refit it with this safesteer to store the "
+            "exact fingerprint.",
+            directory,
+            lm.name,
         )

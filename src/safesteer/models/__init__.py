@@ -5,7 +5,13 @@ safesteer only sees the handle.
 """
 
 from safesteer.models.fetch import FetchError, SplitWheelFile
-from safesteer.models.fingerprint import fingerprint_mismatch, model_fingerprint, weight_checksum
+from safesteer.models.fingerprint import (
+    fingerprint_mismatch,
+    legacy_checksums,
+    model_fingerprint,
+    weight_checksum,
+    weight_hashes,
+)
 from safesteer.models.handle import LoadedModel, ModelLoadError
 from safesteer.models.layers import find_decoder_layers
 from safesteer.models.loading import load_model, wrap_model
@@ -33,9 +39,11 @@ __all__ = [
     "find_decoder_layers",
     "fingerprint_mismatch",
     "get_source",
+    "legacy_checksums",
     "load_model",
     "model_fingerprint",
     "require_source",
     "weight_checksum",
+    "weight_hashes",
     "wrap_model",
 ]

@@ -57,7 +57,8 @@ class LoadedModel:
         return self.device
 
     def fingerprint(self) -> dict[str, Any]:
-        """A model identity that survives dtype changes: config facts and weight checksums."""
+        """Config facts, chat-template hash and exact hashes of sampled weight rows (matches a
+        bfloat16 or float16 copy of the same weights, never a fine-tune)."""
         from safesteer.models.fingerprint import model_fingerprint
 
         return model_fingerprint(self)
