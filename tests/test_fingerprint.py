@@ -140,6 +140,7 @@ def _shipped_calibrated() -> list[Any]:
     return sorted(p for p in CALIBRATED_DIR.iterdir() if (p / "manifest.json").is_file())
 
 
+@pytest.mark.slow  # reading a cached GGUF's metadata takes ~10 s
 @pytest.mark.parametrize("folder", _shipped_calibrated(), ids=lambda p: p.name)
 def test_shipped_calibrated_fingerprints_are_loadable(folder: Any) -> None:
     """Shipped artifacts are version 2, or version 1 with checksums and the template hash (loaded
