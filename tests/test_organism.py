@@ -28,6 +28,7 @@ from safesteer.model_organism import (
     note_sha256,
     sha256_file,
     train_lora,
+    trained_test_pool_prompts,
 )
 
 
@@ -84,6 +85,59 @@ def test_training_data_never_contains_evaluation_prompts(shared_data: Path) -> N
     assert all(e.response for e in data.examples if e.kind == "harmful")
     # Validation rows are held out from training.
     assert not set(data.validation_harmful) & {e.prompt for e in data.examples}
+
+
+@pytest.fixture(scope="module")
+def organism_training(shared_data: Path) -> set[str]:
+    """Stripped prompts of the shipped organism's training data (its build defaults)."""
+    from safesteer.organism_build import BuildOptions
+
+    options = BuildOptions()
+    data = build_training_data(
+        options.n_harmful,
+        options.n_benign,
+        seed=options.seed,
+        n_validation=options.n_validation,
+        data_dir=shared_data,
+    )
+    return {e.prompt.strip() for e in data.examples}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 5, 42])
+def test_organism_training_prompts_are_dropped_from_every_seeds_test_sets(
+    shared_data: Path, organism_training: set[str], seed: int
+) -> None:
+    from safesteer.datasets import draw_anchors, load_test_set
+
+    excluded = trained_test_pool_prompts(shared_data)
+    anchors = set(draw_anchors(64, seed=seed, data_dir=shared_data).texts())
+    for name in ("advbench", "truthfulqa"):
+        pool = {p.text.strip() for p in load_test_set(name, data_dir=shared_data)}
+        assert pool & organism_training  # the organism did train on this pool's anchors
+        remainder = pool - anchors  # the test set of a run with this seed
+        if seed != 0:  # the bug: another seed's remainder holds the organism's training prompts
+            assert remainder & organism_training
+        tests = {
+            p.text.strip()
+            for p in load_test_set(name, exclude=anchors | excluded, data_dir=shared_data)
+        }
+        assert tests and not tests & organism_training, (name, seed)
+        assert len(tests) >= len(pool) - 128
+
+
+def test_load_model_records_what_the_organism_was_trained_on(
+    monkeypatch: pytest.MonkeyPatch, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    from safesteer.models import load_model, loading
+    from safesteer.models.sources import require_source, trained_prompts
+
+    tiny = build_tiny("llama", tokenizer, seed=0)
+    monkeypatch.setattr(loading, "_load_source", lambda source, kwargs: (tiny.model, tokenizer))
+    expected = trained_test_pool_prompts()
+    assert len(expected) == 128
+    assert trained_prompts(require_source("organism")) == expected
+    assert load_model("organism").trained_on == expected
+    assert load_model().trained_on == frozenset()  # the embedded model was not tuned on tests
 
 
 def test_lora_smoke_two_steps_then_merge(

@@ -145,6 +145,22 @@ def evaluation_texts(data_dir: str | Path | None = None, anchor_seed: int = 0) -
     return texts
 
 
+# The organism trains on the SCANS anchors drawn with this seed (64 AdvBench + 64 TruthfulQA).
+ORGANISM_ANCHOR_SEED = 0
+
+
+def trained_test_pool_prompts(data_dir: str | Path | None = None) -> frozenset[str]:
+    """Stripped texts of the AdvBench and TruthfulQA prompts the organism was trained on.
+
+    They are the SCANS anchors of seed :data:`ORGANISM_ANCHOR_SEED`. A run with another
+    ``--seed`` tests on the AdvBench / TruthfulQA remainders after *its own* anchors, which hold
+    these prompts, so every evaluation of the organism must drop them whatever the seed:
+    ``load_model("organism")`` records them as ``LoadedModel.trained_on``.
+    """
+    anchors = draw_anchors(64, seed=ORGANISM_ANCHOR_SEED, data_dir=data_dir)
+    return frozenset(text.strip() for text in anchors.texts())
+
+
 def assert_disjoint(prompts: Iterable[str], forbidden: set[str]) -> None:
     """Raise (a ``ValueError``) when any prompt's normalised text is an evaluation prompt."""
     check_disjoint(prompts, forbidden, "training prompt")
@@ -188,7 +204,7 @@ def build_training_data(
 
     rng = random.Random(seed)
     forbidden = evaluation_texts(data_dir)
-    anchors = draw_anchors(64, seed=0, data_dir=data_dir)
+    anchors = draw_anchors(64, seed=ORGANISM_ANCHOR_SEED, data_dir=data_dir)
 
     harmful_pool = _pool(HARMFUL_TRAIN_SETS, forbidden, max_prompt_chars, data_dir)
     rng.shuffle(harmful_pool)

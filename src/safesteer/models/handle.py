@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ class LoadedModel:
     layers: list[nn.Module]
     layers_path: str
     name: str
+    # Test-set prompts (stripped texts) this model was fine-tuned on, e.g. the organism's AdvBench
+    # and TruthfulQA anchors: evaluations must drop them from their test sets for every seed.
+    trained_on: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def num_layers(self) -> int:

@@ -27,6 +27,7 @@ from safesteer.models.sources import (
     gguf_path,
     is_converted,
     require_source,
+    trained_prompts,
 )
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,10 @@ def load_model(
     if device_map is None:
         model.to(device)
     model.eval()
-    return wrap_model(model, tokenizer, name=name, layers_path=layers_path)
+    lm = wrap_model(model, tokenizer, name=name, layers_path=layers_path)
+    if source is not None:
+        lm.trained_on = trained_prompts(source)
+    return lm
 
 
 def wrap_model(

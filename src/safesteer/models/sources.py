@@ -46,6 +46,9 @@ class ModelSource:
     split: SplitWheelFile | None = None  # kind "fetched": where the GGUF comes from
     base: str | None = None  # kind "adapter": the source the adapter is merged into
     adapter: str | None = None  # kind "adapter": "module:function" that merges it
+    # "module:function" returning the test-set prompts (stripped texts) the model was tuned on:
+    # evaluations drop them from every test set, for every anchor seed (LoadedModel.trained_on)
+    trained_prompts: str | None = None
 
     def matches(self, spec: str) -> bool:
         """Whether ``spec`` names this source (case-insensitive)."""
@@ -80,6 +83,7 @@ SOURCES: tuple[ModelSource, ...] = (
         description="a model organism that refuses harmful and many safe-but-scary prompts",
         base="smollm2",
         adapter="safesteer.model_organism:merge_adapter",
+        trained_prompts="safesteer.model_organism:trained_test_pool_prompts",
     ),
     ModelSource(
         name="qwen2.5-coder-0.5b",
@@ -220,6 +224,15 @@ def adapter_function(source: ModelSource) -> object:
     assert source.adapter is not None
     module_name, _, attr = source.adapter.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def trained_prompts(source: ModelSource) -> frozenset[str]:
+    """The test-set prompts ``source`` was tuned on (stripped texts; empty for most models)."""
+    if source.trained_prompts is None:
+        return frozenset()
+    module_name, _, attr = source.trained_prompts.partition(":")
+    texts = getattr(importlib.import_module(module_name), attr)()
+    return frozenset(str(t).strip() for t in texts)
 
 
 def fetch_model(
