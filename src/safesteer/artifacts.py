@@ -67,7 +67,10 @@ def load_artifact(
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path} is not valid JSON: {exc}") from exc
+        raise ArtifactError(
+            f"{manifest_path} is not valid JSON: {exc}. The artifact is damaged; refit it "
+            "(`safesteer fit scans --out DIR`)."
+        ) from exc
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
@@ -75,14 +78,20 @@ def load_artifact(
             "Refit it with this version."
         )
     if method is not None and manifest.get("method") != method:
-        raise ArtifactError(f"{path} holds a {manifest.get('method')!r} artifact, not {method!r}.")
+        raise ArtifactError(
+            f"{path} holds a {manifest.get('method')!r} artifact, not {method!r}; pass a "
+            f"{method} artifact here (`safesteer fit {method} --out DIR`)."
+        )
     tensor_path = path / TENSORS
     if not tensor_path.is_file():
-        raise ArtifactError(f"{path} lacks {TENSORS}; the artifact is incomplete.")
+        raise ArtifactError(f"{path} lacks {TENSORS}; the artifact is incomplete, refit it.")
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{tensor_path} is not a readable safetensors file: {exc}") from exc
+        raise ArtifactError(
+            f"{tensor_path} is not a readable safetensors file: {exc}; the artifact is damaged, "
+            "refit it."
+        ) from exc
     missing = sorted(set(manifest.get("tensors") or {}) - set(tensors))
     if missing:
         raise ArtifactError(

@@ -223,6 +223,8 @@ def fit_scans_command(
         data_dir=str(data_dir) if data_dir else None,
     )
     with _user_errors(RunError):
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is an existing file; name a folder for the artifact")
         lm = load_model(model, dtype=dtype, device=_device(device), device_map=device_map)
         artifact = fit_or_load(lm, options, None)
         artifact.save(out)
@@ -256,7 +258,7 @@ def generate(
     from safesteer.runner import RunError, RunOptions, decide_and_generate, fit_or_load
 
     if method not in ("none", "scans", "safeswitch"):
-        err.print(f"[red]unknown method {method!r}; use none, scans or safeswitch[/red]")
+        err.print(f"[red]error:[/red] unknown method {method!r}; use none, scans or safeswitch")
         raise typer.Exit(2)
     if method == "safeswitch":
         with _user_errors(RunError):

@@ -472,9 +472,14 @@ class LLMJudge:
         base_url = base_url or os.environ.get("SAFESTEER_JUDGE_BASE_URL")
         model = model or os.environ.get("SAFESTEER_JUDGE_MODEL")
         if not base_url:
-            raise ValueError("LLMJudge needs base_url (or SAFESTEER_JUDGE_BASE_URL)")
+            raise ValueError(
+                "the llm judge needs base_url: pass --judge-url http://HOST:PORT/v1 (or set "
+                "SAFESTEER_JUDGE_BASE_URL)"
+            )
         if not model:
-            raise ValueError("LLMJudge needs model (or SAFESTEER_JUDGE_MODEL)")
+            raise ValueError(
+                "the llm judge needs model: pass --judge-model NAME (or set SAFESTEER_JUDGE_MODEL)"
+            )
         self.template = DEFAULT_JUDGE_TEMPLATE if template is None else template
         missing = [k for k in ("{question}", "{answer}") if k not in self.template]
         if missing:

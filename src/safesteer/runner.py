@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from safesteer.judges import PaperJudge, StrictJudge
 from safesteer.layout import ChatLayout
 from safesteer.methods.calibrated import CALIBRATED_DIR
 from safesteer.methods.scans import (
+    PRESETS,
     ScansArtifact,
     ScansDecision,
     ScansResult,
@@ -115,12 +117,20 @@ def load_model_for(options: RunOptions | Any) -> LoadedModel:
 
 
 def fit_or_load(
-    lm: LoadedModel, options: RunOptions, out_dir: Path | None, resuming: bool = False
+    lm: LoadedModel,
+    options: RunOptions,
+    out_dir: Path | None,
+    resuming: bool = False,
+    *,
+    save: bool = True,
 ) -> ScansArtifact:
     """Load ``options.artifact`` (checked against the model) or fit one from seeded anchors.
 
-    A fitted artifact is saved to ``out_dir/artifact``; a resumed run loads it from there.
+    A fitted artifact is saved to ``out_dir/artifact`` (unless ``save`` is False: the caller
+    saves it with :func:`keep_artifact` once every check has passed); a resumed run loads it from
+    there.
     """
+    out_dir_for_saving = out_dir if save else None
     fitted_before = out_dir / "artifact" if out_dir is not None and resuming else None
     bundled = calibrated_for(options)
     if options.artifact:
@@ -131,8 +141,8 @@ def fit_or_load(
     elif bundled is not None:
         artifact = ScansArtifact.load(bundled, lm)
         console.print(f"Using the calibrated SCANS recipe shipped for this model ({bundled.name})")
-        if out_dir is not None:
-            artifact.save(out_dir / "artifact")
+        if out_dir_for_saving is not None:
+            artifact.save(out_dir_for_saving / "artifact")
     else:
         settings = default_settings(lm.num_layers, options.preset)
         if options.system_prompt is not None:
@@ -152,9 +162,16 @@ def fit_or_load(
                 seed=options.seed,
                 batch_size=options.batch_size,
             )
-        if out_dir is not None:
-            artifact.save(out_dir / "artifact")
+        if out_dir_for_saving is not None:
+            artifact.save(out_dir_for_saving / "artifact")
     return apply_overrides(artifact, lm, options)
+
+
+def keep_artifact(artifact: ScansArtifact, options: RunOptions | Any, out: Path) -> None:
+    """Save a fitted (or shipped) artifact to ``out/artifact`` for resuming, once all checks
+    passed; an artifact given with ``--artifact`` stays where it is."""
+    if not options.artifact and not (out / "artifact" / "manifest.json").exists():
+        artifact.save(out / "artifact")
 
 
 RECIPES = ("auto", "paper", "calibrated")
@@ -363,6 +380,9 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+_DEVICE = re.compile(r"cpu|auto|mps|cuda(?::\d+)?")
+
+
 def check_options(options: RunOptions | Any) -> None:
     """Refuse values that cannot work, before any model is loaded (shared by run and eval)."""
     problems = []
@@ -383,6 +403,26 @@ def check_options(options: RunOptions | Any) -> None:
             f"--threshold must lie in [-1, 1] (cosine scores; a probe gate's lie in [0, 1]); "
             f"got {threshold}"
         )
+    anchor_size = getattr(options, "anchor_size", 1)
+    if anchor_size < 1:
+        problems.append(f"--anchor-size must be at least 1 (got {anchor_size})")
+    penalty = getattr(options, "repetition_penalty", 1.0)
+    if not (math.isfinite(penalty) and penalty > 0):
+        problems.append(
+            f"--repetition-penalty must be a positive number (1.0 = off; got {penalty})"
+        )
+    preset = getattr(options, "preset", None)
+    if preset is not None and preset not in PRESETS:
+        problems.append(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    recipe = getattr(options, "recipe", "auto")
+    if recipe not in RECIPES:
+        problems.append(f"unknown recipe {recipe!r}; use {', '.join(RECIPES)}")
+    device = getattr(options, "device", "cpu")
+    if not _DEVICE.fullmatch(str(device)):
+        problems.append(f"--device {device!r} is not a device; use cpu, cuda, cuda:N, mps or auto")
+    bootstrap = getattr(options, "bootstrap", 0)
+    if bootstrap < 0:
+        problems.append(f"--bootstrap must be 0 (no intervals) or more (got {bootstrap})")
     truncate = getattr(options, "truncate", "none")
     if truncate not in TRUNCATE:
         problems.append(f"--truncate must be one of {', '.join(TRUNCATE)} (got {truncate!r})")
@@ -481,13 +521,12 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
         raise RunError(f"unknown method {options.method!r}; use scans or none")
     check_options(options)
     out = Path(options.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     resuming = _check_resume(out, options)
     # Read the test data first: a bad file fails before minutes of loading and fitting.
     test_prompts = load_test_set(options.test_data, data_dir=options.data_dir)
     if lm is None:
         lm = load_model_for(options)
-    artifact = fit_or_load(lm, options, out, resuming)
+    artifact = fit_or_load(lm, options, out, resuming, save=False)
     anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
     prompts = select_prompts(test_prompts, anchors, options)
     model_texts = fit_prompt_lengths(
@@ -498,6 +537,9 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
         [artifact.settings.system_prompt],
         artifact.settings.reply_prefix,
     )
+    # Every check passed: only now is anything written (no half-made folder after an error).
+    out.mkdir(parents=True, exist_ok=True)
+    keep_artifact(artifact, options, out)
     settings = {
         "safesteer_version": __version__,
         "options": asdict(options),

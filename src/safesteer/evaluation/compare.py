@@ -37,7 +37,10 @@ def collect(specs: list[str]) -> dict[str, list[dict[str, Any]]]:
         folder, label = _parse(spec)
         path = folder / "responses.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} holds no responses.jsonl (not an eval folder?)")
+            raise FileNotFoundError(
+                f"{folder} holds no responses.jsonl (not an eval folder?); pass folders written "
+                "by `safesteer eval --output-dir DIR`"
+            )
         for (method, _), row in read_rows(path).items():
             by_method[f"{label}:{method}" if label else method].append(row)
     return dict(by_method)
@@ -46,7 +49,14 @@ def collect(specs: list[str]) -> dict[str, list[dict[str, Any]]]:
 def compare(specs: list[str], judge: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Per method: refusal % and 95 % CI per subset, and the pooled Table-2 Avg with its CI."""
     table: dict[str, Any] = {"judge": judge, "methods": {}}
-    for method, rows in collect(specs).items():
+    collected = collect(specs)
+    found = sorted({name for rows in collected.values() for r in rows for name in r["judges"]})
+    if judge not in found:
+        raise ValueError(
+            f"no row of {', '.join(specs)} was judged by {judge!r}; judges found: "
+            f"{', '.join(found) or 'none'} (pass one with --judge)"
+        )
+    for method, rows in collected.items():
         subsets: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
             subsets[row["subset"]].append(row)

@@ -55,6 +55,7 @@ from safesteer.runner import (
     check_options,
     fit_or_load,
     fit_prompt_lengths,
+    keep_artifact,
     load_model_for,
 )
 
@@ -522,16 +523,19 @@ def evaluate(
     suite = Suite("capability", ()) if capability else get_suite(options.suite)
     all_prompts = [] if capability else load_suite_prompts(suite, options.data_dir)
     out = Path(options.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     settings_path = out / "settings.json"
     responses_path = out / "responses.jsonl"
     resuming = False
     if settings_path.exists() and responses_path.exists():
         previous = json.loads(settings_path.read_text()).get("resume_key")
         if previous != options.resume_key():
+            now = options.resume_key()
+            changed = sorted(
+                k for k in set(now) | set(previous or {}) if (previous or {}).get(k) != now.get(k)
+            )
             raise RunError(
-                f"{out} holds an evaluation with other settings; use another --output-dir or "
-                "delete it to start over."
+                f"{out} holds an evaluation with other settings (changed: {', '.join(changed)}); "
+                "use another --output-dir or delete it to start over."
             )
         resuming = True
     if lm is None:
@@ -545,8 +549,10 @@ def evaluate(
         batch_size=options.batch_size,
         data_dir=options.data_dir,
     )
-    artifact = fit_or_load(lm, run_options, out, resuming)
+    artifact = fit_or_load(lm, run_options, out, resuming, save=False)
     if capability:
+        out.mkdir(parents=True, exist_ok=True)
+        keep_artifact(artifact, run_options, out)
         return _evaluate_capability(options, lm, artifact, out, settings_path)
     anchors = {
         a.strip() for a in artifact.anchors.get("harmful", []) + artifact.anchors.get("benign", [])
@@ -575,6 +581,11 @@ def evaluate(
         systems,
         artifact.settings.reply_prefix,
     )
+    rows = read_rows(responses_path)
+    check_resumed_rows(rows, prompts, out)
+    # Every check passed: only now is anything written (no half-made folder after an error).
+    out.mkdir(parents=True, exist_ok=True)
+    keep_artifact(artifact, run_options, out)
     settings = {
         "safesteer_version": __version__,
         "suite": suite.name,
@@ -588,8 +599,6 @@ def evaluate(
         "n_prompts": len(prompts),
     }
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
-    rows = read_rows(responses_path)
-    check_resumed_rows(rows, prompts, out)
     added = add_missing_verdicts(rows, judges, options.methods)
     if added:
         console.print(

@@ -11,6 +11,7 @@ Steer: add ``sigma * alpha_l * v_l`` at the steering layers from the last prompt
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -189,10 +190,16 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, ...]:
             part = part.strip()
             if "-" in part:
                 lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError(
+                        f"layers {spec!r}: the range {part} runs backwards; write {hi}-{lo}"
+                    )
                 layers.extend(range(lo, hi + 1))
             elif part:
                 layers.append(int(part))
-    except ValueError:
+    except ValueError as exc:
+        if "runs backwards" in str(exc):
+            raise
         raise ValueError(f"cannot read layers {spec!r}; write e.g. 10-19 or 3,5,7") from None
     bad = sorted({i for i in layers if not 0 <= i < num_layers})
     if bad or not layers:
@@ -651,6 +658,25 @@ def _fused_batch(
     return decisions, generated
 
 
+def check_steerable(artifact: ScansArtifact, direction: torch.Tensor | None = None) -> None:
+    """Refuse settings or tensors that would turn every response into nothing (NaN or inf)."""
+    settings = artifact.settings
+    if not math.isfinite(settings.alpha):
+        raise ValueError(f"the steering strength alpha must be finite (got {settings.alpha})")
+    if settings.threshold is not None and not math.isfinite(settings.threshold):
+        raise ValueError(f"the threshold T must be finite (got {settings.threshold})")
+    layers = list(settings.steer_layers)
+    tensors = {"refusal vectors": artifact.vectors[layers], "reference": artifact.reference}
+    tensors["layer norms"] = artifact.layer_norms[layers]
+    if direction is not None:
+        tensors["direction"] = direction[layers]
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ArtifactError(
+            f"the SCANS artifact holds non-finite values in its {', '.join(bad)}; refit it"
+        )
+
+
 def scans_generate(
     lm: LoadedModel,
     artifact: ScansArtifact,
@@ -667,6 +693,7 @@ def scans_generate(
     ``coefficients`` maps decisions to per-row steering signs (default: the artifact's policy).
     ``on_batch(indices, results)`` is called after every batch (e.g. to write results as they come).
     """
+    check_steerable(artifact, direction)
     if coefficients is None:
         coefficients = policy_coefficients(artifact)
     if not config.use_cache:
