@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.run_all --quick`` is the smoke run. To add a benchmark, write
 ``benchmarks/NAME.py`` with the common flags and add ``NAME`` to ``BENCHMARKS``; entries whose
-module does not exist yet (e.g. ``safeswitch_overhead``) are skipped with a note.
+module does not exist are skipped with a note. A benchmark that fails (non-zero exit, or no
+readable JSON) is reported as failed with the end of its error output; the others still run and
+are reported, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ BENCHMARKS: list[str] = [
     "decode_overhead",
     "scans_e2e",
     "xstest_eval",
-    "safeswitch_overhead",  # runs once benchmarks/safeswitch_overhead.py exists
+    "safeswitch_overhead",
     "memory",
     "fit_time",
 ]
@@ -65,15 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--threads", str(args.threads)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=root)
-        seconds = time.perf_counter() - t0
-        entry: dict[str, Any] = {"benchmark": name, "seconds": round(seconds, 1), "out": str(out)}
-        if proc.returncode != 0:
-            failed = True
-            entry["status"] = f"failed (rc {proc.returncode})"
-        else:
-            entry["status"] = "ok"
-            entry["targets"] = json.loads(out.read_text()).get("targets", [])
+        entry = run_one(name, cmd, root, out)
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        failed = failed or entry["status"] != "ok"
         summary.append(entry)
 
     from rich.console import Console
@@ -101,7 +97,33 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / f"run_all{'.quick' if args.quick else ''}.json").write_text(
         json.dumps(summary, indent=2) + "\n"
     )
+    for entry in summary:
+        if entry["status"] not in ("ok", "missing"):
+            print(f"== {entry['benchmark']} {entry['status']}:\n{entry.get('error', '')}")
     return 1 if failed else 0
+
+
+def run_one(name: str, cmd: list[str], root: Path, out: Path) -> dict[str, Any]:
+    """Run one benchmark; its status, targets and (when it failed) the end of its stderr."""
+    entry: dict[str, Any] = {"benchmark": name, "out": str(out)}
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=root, stderr=subprocess.PIPE, text=True)
+    if proc.stderr:
+        sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        entry["status"] = f"failed (rc {proc.returncode})"
+        entry["error"] = proc.stderr[-2000:]
+        return entry
+    try:
+        if out.stat().st_mtime < started - 1:  # a result of an earlier run must not pass
+            raise ValueError("not written by this run")
+        entry["targets"] = json.loads(out.read_text()).get("targets", [])
+    except (OSError, ValueError) as exc:
+        entry["status"] = "failed (no result JSON)"
+        entry["error"] = f"{out}: {exc}"
+        return entry
+    entry["status"] = "ok"
+    return entry
 
 
 if __name__ == "__main__":

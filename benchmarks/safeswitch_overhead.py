@@ -10,8 +10,14 @@ every run decodes exactly N tokens:
   median stage-1 probability of the batch, stage 2 always passing): those rows take the refusal
   head's logits from the switch point on.
 
-Needs a fitted SafeSwitch artifact for the embedded model (``--artifact DIR``; make one with
-``safesteer fit safeswitch --limit 200 --out DIR``). Target: overhead on unflagged rows <= 3 %.
+Uses the SafeSwitch artifact in ``--artifact DIR`` (default ``runs/safeswitch-embedded``; make one
+with ``safesteer fit safeswitch --limit 200 --out DIR``) when it exists. Without one (a fresh
+clone) it builds a *timing artifact* for the embedded model in a second: seeded random probers and
+a random refusal-head difference of the real shapes, at the fitted artifact's layer and
+``n_decode``. The cost is the same as a trained artifact's (the same hooks, prober matmuls and
+head switch; the workloads set the thresholds themselves), only the flags are meaningless, which
+these workloads do not use. The JSON records which artifact was used.
+Target: overhead on unflagged rows <= 3 %.
 """
 
 from __future__ import annotations
@@ -36,6 +42,34 @@ from benchmarks.common import (
 )
 
 NAME = "safeswitch_overhead"
+DEFAULT_ARTIFACT = Path("runs/safeswitch-embedded")
+
+
+def timing_artifact(lm: Any, seed: int) -> Any:
+    """A SafeSwitch artifact with random probers and head difference (timing only, see above)."""
+    import torch
+
+    from safesteer.methods.safeswitch import (
+        Prober,
+        SafeSwitchArtifact,
+        SafeSwitchSettings,
+        head_checksum,
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stage1, stage2 = Prober(lm.hidden_size).eval(), Prober(lm.hidden_size).eval()
+        head = lm.model.get_output_embeddings().weight
+        delta = (0.01 * torch.randn(tuple(head.shape))).half()
+    return SafeSwitchArtifact(
+        settings=SafeSwitchSettings(layer=lm.num_layers - 1),
+        stage1=stage1,
+        stage2=stage2,
+        head_delta=delta,
+        model_fingerprint=lm.fingerprint(),
+        base_head_checksum=head_checksum(lm),
+        training={"note": "timing artifact: random probers and head, not trained"},
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -44,21 +78,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--artifact",
         type=Path,
-        default=Path("runs/safeswitch-embedded"),
-        help="a SafeSwitch artifact fitted on the embedded model",
+        default=None,
+        help=f"a SafeSwitch artifact fitted on the embedded model (default {DEFAULT_ARTIFACT} if "
+        "it exists, else a random timing artifact)",
     )
     args = finish_args(parser.parse_args(argv))
     from safesteer.generation import GenerationConfig, generate_ids
     from safesteer.layout import ChatLayout
     from safesteer.methods.safeswitch import SafeSwitchArtifact, switched_generate_ids
 
-    if not (args.artifact / "manifest.json").exists():
+    if args.artifact is not None and not (args.artifact / "manifest.json").exists():
         raise SystemExit(
             f"no SafeSwitch artifact at {args.artifact}: run "
-            f"`safesteer fit safeswitch --limit 200 --out {args.artifact}` first"
+            f"`safesteer fit safeswitch --limit 200 --out {args.artifact}` first, or omit "
+            "--artifact to time a random timing artifact"
         )
     lm = load_lm(args.device)
-    artifact = SafeSwitchArtifact.load(args.artifact, lm)
+    folder = args.artifact or DEFAULT_ARTIFACT
+    if (folder / "manifest.json").exists():
+        artifact = SafeSwitchArtifact.load(folder, lm)
+        artifact_used = str(folder)
+    else:
+        print(
+            f"no SafeSwitch artifact at {folder}: timing a random artifact of the same shapes "
+            f"(fit one with `safesteer fit safeswitch --limit 200 --out {folder}`)",
+            flush=True,
+        )
+        artifact = timing_artifact(lm, args.seed)
+        artifact_used = "timing artifact (random probers and head)"
     rows = 4 if args.quick else 16
     new_tokens = 16 if args.quick else 64
     layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
@@ -96,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = Report(
         NAME,
         args,
-        {"rows": rows, "new_tokens": new_tokens, "artifact": str(args.artifact)},
+        {"rows": rows, "new_tokens": new_tokens, "artifact": artifact_used},
     )
     report.table(
         f"SafeSwitch vs plain generation ({rows} rows x {new_tokens} tokens, medians)",

@@ -1,0 +1,67 @@
+"""Benchmark plumbing: run_all reports every benchmark when one fails; safeswitch_overhead runs
+from a fresh clone (a timing artifact instead of a fitted one)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from benchmarks import run_all
+from transformers import PreTrainedTokenizerFast
+
+from conftest import build_tiny
+
+
+def test_run_one_reports_failures_and_missing_results(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    write = f"import json; open({str(out)!r}, 'w').write(json.dumps({{'targets': [1]}}))"
+    ok = run_all.run_one("ok", [sys.executable, "-c", write], tmp_path, out)
+    assert ok["status"] == "ok" and ok["targets"] == [1]
+    crash = [sys.executable, "-c", "raise SystemExit('no artifact here')"]
+    failed = run_all.run_one("crash", crash, tmp_path, tmp_path / "none.json")
+    assert failed["status"] == "failed (rc 1)" and "no artifact here" in failed["error"]
+    silent = run_all.run_one("silent", [sys.executable, "-c", "pass"], tmp_path, tmp_path / "x")
+    assert silent["status"] == "failed (no result JSON)"
+
+
+def test_run_all_reports_the_others_when_one_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fake(name: str, cmd: list[str], root: Path, out: Path) -> dict[str, Any]:
+        if name == "memory":
+            return {"benchmark": name, "status": "failed (rc 1)", "error": "boom"}
+        return {"benchmark": name, "status": "ok", "targets": []}
+
+    monkeypatch.setattr(run_all, "run_one", fake)
+    code = run_all.main(
+        ["--quick", "--only", "scans_e2e,memory,fit_time", "--out-dir", str(tmp_path)]
+    )
+    assert code == 1
+    summary = json.loads((tmp_path / "run_all.quick.json").read_text())
+    assert [(e["benchmark"], e["status"]) for e in summary] == [
+        ("scans_e2e", "ok"),
+        ("memory", "failed (rc 1)"),
+        ("fit_time", "ok"),
+    ]
+
+
+def test_safeswitch_timing_artifact_runs_without_a_fitted_one(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    from benchmarks.safeswitch_overhead import timing_artifact
+
+    from safesteer.generation import GenerationConfig
+    from safesteer.methods.safeswitch import SafeSwitchArtifact, switched_generate_ids
+
+    lm = build_tiny("llama", tokenizer, seed=0)
+    artifact = timing_artifact(lm, seed=0)
+    artifact.save(tmp_path / "switch")
+    loaded = SafeSwitchArtifact.load(tmp_path / "switch", lm)  # a valid artifact for the model
+    assert loaded.settings.layer == lm.num_layers - 1
+    _, decisions = switched_generate_ids(
+        lm, loaded, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=3)
+    )
+    assert len(decisions) == 2
