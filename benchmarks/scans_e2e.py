@@ -4,15 +4,16 @@ Workloads on the same queries, repeated in alternating order, stop tokens disabl
 decodes exactly N tokens:
 
 * ``plain``    – encode, ``generate_ids``, detokenise (no steering, no decision);
-* ``fused``    – ``scans_generate``: one prefill of the prompt prefix shared by the classifier and
-  the steered generation;
+* ``fused``    – ``scans_generate``: one prefill of prompt + reply prefix (the classifier reads its
+  states from it), the cache rolled back to before the last prompt token, that token rerun steered;
 * ``two_pass`` – ``scans_generate_two_pass`` (batched): a full classification forward, then a
-  steered generation with its own prefill (for reference);
-* ``merged``   – a prototype written here, not in the library (skip with ``--no-prototype``): the
-  fused path in two forwards instead of three. Prefill prompt + reply in one forward (the classifier
-  reads its states from it), roll the cache back to before the last prompt token and rerun that
-  token steered. It shows what merging the prefix and classification forwards would save; its
-  decisions and tokens are checked against ``fused``.
+  steered generation with its own prefill (for reference).
+
+The prompt phase of each workload is its first ``N_PREFILL`` forwards; the count is checked against
+the forwards each run makes (``new_tokens - 1`` decode forwards follow the prompt phase), so a
+change in the library cannot make a decode step count as decision cost. (Until this check, the
+fused path was counted with three prompt-phase forwards after it had gone down to two: its "forward
+time" then included the first decode step, ~0.4 prefills at batch 1.)
 
 The decision step's cost is reported in *prefill equivalents* three ways:
 
@@ -46,51 +47,19 @@ from benchmarks.common import (
 
 NAME = "scans_e2e"
 
-# Prompt-phase forwards per workload: the fused path runs the prefix, the [last token, reply]
-# classification chunk and the steered last token; two-pass runs the classification forward and
-# the generation prefill; plain runs one prefill.
-N_PREFILL = {"plain": 1, "fused": 3, "two_pass": 2, "merged": 2}
+# Prompt-phase forwards per workload: the fused path runs prompt + reply and the steered last token;
+# two-pass runs the classification forward and the generation prefill; plain runs one prefill.
+N_PREFILL = {"plain": 1, "fused": 2, "two_pass": 2}
 
 
-def merged_fused(lm: Any, artifact: Any, queries: list[str], config: Any) -> list[Any]:
-    """Prototype: SCANS decision + steered generation for one batch in two prompt-phase forwards.
-
-    Returns ``(sigma, token_ids)`` per query (same order as ``queries``).
-    """
-    import torch
-
-    from safesteer.activations import forward, recording
-    from safesteer.generation import decode_loop, new_cache, rollback
-    from safesteer.layout import Batch, ChatLayout, left_pad
-    from safesteer.methods.scans import cosine_scores
-    from safesteer.steering import steering
-
-    layout = ChatLayout(lm.tokenizer, artifact.settings.system_prompt)
-    reply = layout.reply_ids(artifact.settings.reply_prefix)
-    r = len(reply)
-    encoded = [layout.prompt_ids(q) for q in queries]
-    pad_id = int(lm.tokenizer.pad_token_id)
-    with torch.inference_mode():
-        full = left_pad([e + reply for e in encoded], pad_id, lm.device)
-        width = full.width
-        cache = new_cache(lm)
-        with recording(lm, artifact.settings.cls_layers, [-1 - r, -1]) as rec:
-            forward(lm, full, past_key_values=cache, use_cache=True)
-        states = rec.stacked()
-        _, scores = cosine_scores(
-            states[:, :, 0] - states[:, :, 1], artifact.reference, artifact.settings.cls_layers
+def check_prompt_phase(name: str, forwards: int, new_tokens: int) -> None:
+    """Fail when a run's forwards do not split into ``N_PREFILL[name]`` + ``new_tokens - 1``."""
+    expected = N_PREFILL[name] + new_tokens - 1
+    if forwards != expected:
+        raise RuntimeError(
+            f"workload {name!r} ran {forwards} forwards for {new_tokens} new tokens, not "
+            f"{N_PREFILL[name]} prompt-phase + {new_tokens - 1} decode forwards: update N_PREFILL"
         )
-        sigma = torch.where(scores >= artifact.settings.threshold, 1.0, -1.0)
-        rollback(cache, r + 1)
-        end = width - r  # columns of the generation prompt
-        prompt = Batch(
-            full.input_ids[:, :end], full.attention_mask[:, :end], full.position_ids[:, :end]
-        )
-        step = Batch(prompt.input_ids[:, -1:], prompt.attention_mask, prompt.position_ids[:, -1:])
-        with steering(lm, artifact.steering_vectors(), sigma, start_column=end - 1):
-            out = forward(lm, step, past_key_values=cache, use_cache=True)
-            generated = decode_loop(lm, prompt, out.logits[:, -1, :].float(), cache, config)
-    return [(int(s), ids) for s, ids in zip(sigma.tolist(), generated.token_ids, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -100,9 +69,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--anchors", type=int, default=None, help="per side (default 32; quick 8)")
     parser.add_argument("--repetition-penalty", type=float, default=1.1)
     parser.add_argument("--no-two-pass", action="store_true")
-    parser.add_argument(
-        "--no-prototype", action="store_true", help="skip the two-forward 'merged' prototype"
-    )
     args = finish_args(parser.parse_args(argv))
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     anchors = args.anchors or (8 if args.quick else 32)
@@ -140,7 +106,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     main_rows: list[list[Any]] = []
     cost_rows: list[list[Any]] = []
     breakdown_rows: list[list[Any]] = []
-    agreement: dict[int, dict[str, int]] = {}
     worst: dict[str, float] = {}
     for bs in batch_sizes:
         queries = queries_all[:bs]
@@ -162,22 +127,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_two_pass:
             workloads["two_pass"] = two_pass
 
-        def merged(cfg: GenerationConfig = config, qs: list[str] = queries) -> Any:
-            with fixed_length():
-                return merged_fused(lm, artifact, qs, cfg)
-
-        if not args.no_prototype:
-            workloads["merged"] = merged
-            with fixed_length():
-                ref = scans_generate(lm, artifact, queries, config, batch_size=bs)
-            proto = merged(config)
-            agreement[bs] = {
-                "decisions_equal": sum(
-                    a.decision.sigma == b[0] for a, b in zip(ref, proto, strict=True)
-                ),
-                "tokens_equal": sum(a.token_ids == b[1] for a, b in zip(ref, proto, strict=True)),
-                "rows": bs,
-            }
         for fn in workloads.values():
             fn(warm)
         runs: dict[str, list[Run]] = {n: [] for n in workloads}
@@ -191,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     n_prefill=N_PREFILL[name],
                     new_tokens=new_tokens,
                 )
+                check_prompt_phase(name, len(run.forward_seconds), new_tokens)
                 runs[name].append(run)
 
         base = runs["plain"]
@@ -247,9 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             median(
                 [r.forward_seconds[k] / p.prefill for r, p in zip(fused_runs, base, strict=True)]
             )
-            for k in range(3)
+            for k in range(N_PREFILL["fused"])
         ]
-        breakdown_rows.append([bs, *breakdown, breakdown[1] + breakdown[2]])
+        breakdown_rows.append([bs, *breakdown])
         per_method["fused"]["forward_breakdown_in_prefills"] = breakdown
         report.data[f"batch_{bs}"] = {
             "prompt_tokens": [len(layout.prompt_ids(q)) for q in queries],
@@ -279,13 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     report.table(
         "Fused path forwards, each in plain prefills of the same batch",
-        [
-            "batch",
-            "prefix (prompt - 1)",
-            "cls chunk (last + reply)",
-            "steered last",
-            "chunk + last",
-        ],
+        ["batch", "prompt + reply (decision states)", "steered last prompt token"],
         breakdown_rows,
     )
     for bs in batch_sizes:
@@ -306,16 +250,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "<=",
                 "prefills",
             )
-        )
-    if agreement:
-        report.data["merged_vs_fused_agreement"] = {str(k): v for k, v in agreement.items()}
-        report.table(
-            "Prototype 'merged' vs library 'fused': agreement",
-            ["batch", "decisions equal", "token ids equal", "rows"],
-            [
-                [bs, a["decisions_equal"], a["tokens_equal"], a["rows"]]
-                for bs, a in agreement.items()
-            ],
         )
     report.note(
         "prompt phase = from the first forward's start to the end of the last prompt-phase forward "

@@ -65,3 +65,46 @@ def test_safeswitch_timing_artifact_runs_without_a_fitted_one(
         lm, loaded, [[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=3)
     )
     assert len(decisions) == 2
+
+
+def test_scans_e2e_prompt_phase_matches_the_library(tokenizer: PreTrainedTokenizerFast) -> None:
+    """N_PREFILL counts the forwards before decoding; a decode step must never count."""
+    from benchmarks.scans_e2e import N_PREFILL, check_prompt_phase
+
+    from conftest import BENIGN, HARMFUL
+    from safesteer.generation import GenerationConfig, generate_ids
+    from safesteer.layout import ChatLayout
+    from safesteer.methods.scans import (
+        ScansSettings,
+        fit_scans,
+        scans_generate,
+        scans_generate_two_pass,
+    )
+
+    lm = build_tiny("llama", tokenizer, seed=0)
+    settings = ScansSettings(0.5, "relative", (1, 2), (1, 2, 3), None)
+    artifact = fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)
+    queries = HARMFUL[:2] + BENIGN[:2]
+    encoded = [ChatLayout(lm.tokenizer).prompt_ids(q) for q in queries]
+    calls: list[int] = []
+    handle = lm.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    new_tokens = 5
+    config = GenerationConfig(max_new_tokens=new_tokens)
+    workloads = {
+        "plain": lambda: generate_ids(lm, encoded, config),
+        "fused": lambda: scans_generate(lm, artifact, queries, config, batch_size=4),
+        "two_pass": lambda: scans_generate_two_pass(lm, artifact, queries, config, batch_size=4),
+    }
+    try:
+        from benchmarks.common import fixed_length
+
+        for name, run in workloads.items():
+            calls.clear()
+            with fixed_length():
+                run()
+            check_prompt_phase(name, len(calls), new_tokens)
+            assert len(calls) == N_PREFILL[name] + new_tokens - 1
+    finally:
+        handle.remove()
+    with pytest.raises(RuntimeError, match="update N_PREFILL"):
+        check_prompt_phase("fused", 3 + new_tokens - 1, new_tokens)
