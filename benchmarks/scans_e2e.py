@@ -7,7 +7,10 @@ decodes exactly N tokens:
 * ``fused``    – ``scans_generate``: one prefill of prompt + reply prefix (the classifier reads its
   states from it), the cache rolled back to before the last prompt token, that token rerun steered;
 * ``two_pass`` – ``scans_generate_two_pass`` (batched): a full classification forward, then a
-  steered generation with its own prefill (for reference).
+  steered generation with its own prefill (for reference);
+* ``single``   – a prototype written here, not in the library (skip with ``--no-prototype``): the
+  decision and the steered last prompt token in one forward (:func:`single_forward_fused`). Its
+  decisions and token ids are checked against ``fused``.
 
 The prompt phase of each workload is its first ``N_PREFILL`` forwards; the count is checked against
 the forwards each run makes (``new_tokens - 1`` decode forwards follow the prompt phase), so a
@@ -49,7 +52,7 @@ NAME = "scans_e2e"
 
 # Prompt-phase forwards per workload: the fused path runs prompt + reply and the steered last token;
 # two-pass runs the classification forward and the generation prefill; plain runs one prefill.
-N_PREFILL = {"plain": 1, "fused": 2, "two_pass": 2}
+N_PREFILL = {"plain": 1, "fused": 2, "two_pass": 2, "single": 1}
 
 
 def check_prompt_phase(name: str, forwards: int, new_tokens: int) -> None:
@@ -62,6 +65,100 @@ def check_prompt_phase(name: str, forwards: int, new_tokens: int) -> None:
         )
 
 
+def single_forward_fused(lm: Any, artifact: Any, queries: list[str], config: Any) -> list[Any]:
+    """Prototype: SCANS decision and steered last prompt token in *one* prompt-phase forward.
+
+    Each row runs ``prompt + reply + [p+, p-]``: two copies of the last prompt token p at p's
+    position, which a custom 4-D mask lets attend to the prompt before p (and themselves) only; at
+    the steering layers p+ gets ``+alpha_l v_l`` and p- gets ``-alpha_l v_l``. The decision reads
+    its states at p and at the reply's end; then each row keeps the KV of p (coefficient 0), p+
+    or p- as position p and decodes from that column's logits. Needs plain dynamic cache layers and
+    sdpa or eager attention. Returns ``(sigma, token_ids)`` per query.
+    """
+    import torch
+
+    from safesteer.activations import hidden_of, recording, with_hidden
+    from safesteer.generation import decode_loop, new_cache
+    from safesteer.layout import Batch, ChatLayout, left_pad
+    from safesteer.methods.scans import _decisions, policy_coefficients
+    from safesteer.steering import steering
+
+    settings = artifact.settings
+    layout = ChatLayout(lm.tokenizer, settings.system_prompt)
+    reply = layout.reply_ids(settings.reply_prefix)
+    r = len(reply)
+    encoded = [layout.prompt_ids(q) for q in queries]
+    pad_id = int(lm.tokenizer.pad_token_id)
+    implementation = lm.model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise RuntimeError(f"the prototype needs sdpa or eager attention, not {implementation}")
+    with torch.inference_mode():
+        full = left_pad([e + reply for e in encoded], pad_id, lm.device)
+        w = full.width - r  # generation prompt columns; p is column w - 1
+        last = full.input_ids[:, w - 1 : w]
+        ids = torch.cat([full.input_ids, last, last], dim=1)
+        mask2d = torch.cat([full.attention_mask, torch.ones_like(last), torch.ones_like(last)], 1)
+        pos_p = full.position_ids[:, w - 1 : w]
+        positions = torch.cat([full.position_ids, pos_p, pos_p], dim=1)
+        n = ids.shape[1]
+        rows = torch.arange(n, device=ids.device)
+        allowed = (rows[None, :] <= rows[:, None])[None].repeat(ids.shape[0], 1, 1)
+        allowed &= mask2d[:, None, :].bool()
+        for copy in (n - 2, n - 1):  # p+ and p-: the prompt before p, and themselves
+            allowed[:, copy, :] = False
+            allowed[:, copy, : w - 1] = mask2d[:, : w - 1].bool()
+        allowed |= torch.eye(n, dtype=torch.bool, device=ids.device)[None]  # no empty rows
+        mask4d = allowed[:, None]
+        if implementation == "eager":
+            mask4d = torch.zeros(mask4d.shape, dtype=lm.dtype, device=ids.device).masked_fill(
+                ~mask4d, torch.finfo(lm.dtype).min
+            )
+        vectors = artifact.steering_vectors()
+        handles = []
+        for layer, vector in vectors.items():
+            v = vector.to(lm.layer_device(layer), lm.dtype)
+
+            def hook(module: Any, args: Any, output: Any, v: Any = v) -> Any:
+                hidden = hidden_of(output).clone()
+                hidden[:, -2] += v
+                hidden[:, -1] -= v
+                return with_hidden(output, hidden)
+
+            handles.append(lm.layers[layer].register_forward_hook(hook))
+        cache = new_cache(lm)
+        keep = torch.tensor([w - 1, n - 2, n - 1], device=ids.device)
+        try:
+            with recording(lm, settings.recorded_layers, [-(r + 3), -3]) as rec:
+                out = lm.model(
+                    input_ids=ids,
+                    attention_mask=mask4d,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=keep,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            raise RuntimeError("the prototype handles plain dynamic cache layers only")
+        decisions = _decisions(artifact, rec.stacked())
+        coefficients = policy_coefficients(artifact)(decisions)
+        choice = torch.where(coefficients > 0, 1, torch.where(coefficients < 0, 2, 0))
+        chosen_column = keep[choice.to(keep.device)]
+        batch_index = torch.arange(ids.shape[0], device=ids.device)
+        for layer_cache in cache.layers:
+            for attr in ("keys", "values"):
+                tensor = getattr(layer_cache, attr)
+                picked = tensor[batch_index, :, chosen_column.to(tensor.device)][:, :, None]
+                setattr(layer_cache, attr, torch.cat([tensor[:, :, : w - 1], picked], dim=2))
+        first = out.logits[batch_index, choice.to(out.logits.device)].float()
+        prompt = Batch(full.input_ids[:, :w], full.attention_mask[:, :w], full.position_ids[:, :w])
+        with steering(lm, vectors, coefficients, w - 1):
+            generated = decode_loop(lm, prompt, first, cache, config)
+    return [(d.sigma, t) for d, t in zip(decisions, generated.token_ids, strict=True)]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser(NAME, __doc__ or NAME, default_reps=2)
     parser.add_argument("--batch-sizes", default="1,16", help="comma-separated (default 1,16)")
@@ -69,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--anchors", type=int, default=None, help="per side (default 32; quick 8)")
     parser.add_argument("--repetition-penalty", type=float, default=1.1)
     parser.add_argument("--no-two-pass", action="store_true")
+    parser.add_argument(
+        "--no-prototype", action="store_true", help="skip the one-forward 'single' prototype"
+    )
     args = finish_args(parser.parse_args(argv))
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     anchors = args.anchors or (8 if args.quick else 32)
@@ -106,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     main_rows: list[list[Any]] = []
     cost_rows: list[list[Any]] = []
     breakdown_rows: list[list[Any]] = []
+    agreement: dict[int, dict[str, int]] = {}
     worst: dict[str, float] = {}
     for bs in batch_sizes:
         queries = queries_all[:bs]
@@ -127,6 +228,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_two_pass:
             workloads["two_pass"] = two_pass
 
+        def single(cfg: GenerationConfig = config, qs: list[str] = queries) -> Any:
+            with fixed_length():
+                return single_forward_fused(lm, artifact, qs, cfg)
+
+        if not args.no_prototype:
+            workloads["single"] = single
+            with fixed_length():
+                ref = scans_generate(lm, artifact, queries, config, batch_size=bs)
+            proto = single(config)
+            agreement[bs] = {
+                "decisions_equal": sum(
+                    a.decision.sigma == b[0] for a, b in zip(ref, proto, strict=True)
+                ),
+                "tokens_equal": sum(a.token_ids == b[1] for a, b in zip(ref, proto, strict=True)),
+                "rows": bs,
+            }
         for fn in workloads.values():
             fn(warm)
         runs: dict[str, list[Run]] = {n: [] for n in workloads}
@@ -250,6 +367,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "<=",
                 "prefills",
             )
+        )
+    if agreement:
+        report.data["single_vs_fused_agreement"] = {str(k): v for k, v in agreement.items()}
+        report.table(
+            "Prototype 'single' vs library 'fused': agreement",
+            ["batch", "decisions equal", "token ids equal", "rows"],
+            [
+                [bs, a["decisions_equal"], a["tokens_equal"], a["rows"]]
+                for bs, a in agreement.items()
+            ],
         )
     report.note(
         "prompt phase = from the first forward's start to the end of the last prompt-phase forward "

@@ -69,7 +69,7 @@ def test_safeswitch_timing_artifact_runs_without_a_fitted_one(
 
 def test_scans_e2e_prompt_phase_matches_the_library(tokenizer: PreTrainedTokenizerFast) -> None:
     """N_PREFILL counts the forwards before decoding; a decode step must never count."""
-    from benchmarks.scans_e2e import N_PREFILL, check_prompt_phase
+    from benchmarks.scans_e2e import N_PREFILL, check_prompt_phase, single_forward_fused
 
     from conftest import BENIGN, HARMFUL
     from safesteer.generation import GenerationConfig, generate_ids
@@ -94,6 +94,7 @@ def test_scans_e2e_prompt_phase_matches_the_library(tokenizer: PreTrainedTokeniz
         "plain": lambda: generate_ids(lm, encoded, config),
         "fused": lambda: scans_generate(lm, artifact, queries, config, batch_size=4),
         "two_pass": lambda: scans_generate_two_pass(lm, artifact, queries, config, batch_size=4),
+        "single": lambda: single_forward_fused(lm, artifact, queries, config),
     }
     try:
         from benchmarks.common import fixed_length
@@ -108,3 +109,28 @@ def test_scans_e2e_prompt_phase_matches_the_library(tokenizer: PreTrainedTokeniz
         handle.remove()
     with pytest.raises(RuntimeError, match="update N_PREFILL"):
         check_prompt_phase("fused", 3 + new_tokens - 1, new_tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_single_forward_prototype_equals_the_library(
+    tokenizer: PreTrainedTokenizerFast, arch: str
+) -> None:
+    """The one-forward prototype gives the fused path's decisions and tokens, padding included."""
+    from benchmarks.scans_e2e import single_forward_fused
+
+    from conftest import BENIGN, HARMFUL
+    from safesteer.generation import GenerationConfig
+    from safesteer.methods.scans import ScansSettings, classify, fit_scans, scans_generate
+
+    lm = build_tiny(arch, tokenizer)
+    settings = ScansSettings(0.5, "relative", (1, 2), (1, 2), None)
+    artifact = fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)
+    queries = [*HARMFUL, *BENIGN, "Hi", "Write a story about a bank."]
+    scores = sorted(d.score for d in classify(lm, artifact, queries))
+    artifact = artifact.with_settings(threshold=(scores[4] + scores[5]) / 2)
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.1)
+    reference = scans_generate(lm, artifact, queries, config, batch_size=len(queries))
+    got = single_forward_fused(lm, artifact, queries, config)
+    assert {r.decision.sigma for r in reference} == {-1, 1}
+    assert [r.decision.sigma for r in reference] == [g[0] for g in got]
+    assert [r.token_ids for r in reference] == [g[1] for g in got]
