@@ -167,10 +167,25 @@ class ForwardCall:
         return self.end - self.start
 
     def real_tokens(self) -> int:
-        """Non-padding positions among the new columns (from the attention mask)."""
+        """Non-padding positions among the new columns (from the attention mask).
+
+        A custom 4-D mask ``[rows, 1, queries, keys]`` (boolean, or additive with 0 = attend) marks
+        a padding position by a query that attends only to itself, is attended by no other query
+        and is not the last column (left padding: a real token always ends the row).
+        """
         if self.mask is None:
             return self.rows * self.width
-        return int(self.mask[:, -self.width :].sum())
+        if self.mask.dim() != 4:
+            return int(self.mask[:, -self.width :].sum())
+        allowed = self.mask[:, 0] if self.mask.dtype == torch.bool else self.mask[:, 0] == 0
+        allowed = allowed[:, -self.width :, :]
+        keys = allowed.shape[-1]
+        own = torch.arange(keys - self.width, keys, device=allowed.device)
+        self_only = (allowed.sum(-1) == 1) & allowed[:, torch.arange(self.width), own]
+        attended = allowed[:, :, own].sum(1)  # per own key: queries attending it
+        padding = self_only & (attended == 1)
+        padding[:, -1] = False
+        return int(self.rows * self.width - padding.sum())
 
 
 class ForwardTimer:

@@ -134,3 +134,25 @@ def test_single_forward_prototype_equals_the_library(
     assert {r.decision.sigma for r in reference} == {-1, 1}
     assert [r.decision.sigma for r in reference] == [g[0] for g in got]
     assert [r.token_ids for r in reference] == [g[1] for g in got]
+
+
+def test_real_tokens_of_the_single_forward_mask(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Decision cost in tokens: the 4-D mask's forward counts prompt + reply + 2 per row."""
+    from benchmarks.common import timed_forwards
+    from benchmarks.scans_e2e import single_forward_fused
+
+    from conftest import BENIGN, HARMFUL
+    from safesteer.generation import GenerationConfig
+    from safesteer.layout import ChatLayout
+    from safesteer.methods.scans import ScansSettings, fit_scans
+
+    lm = build_tiny("llama", tokenizer)
+    settings = ScansSettings(0.5, "relative", (1, 2), (1, 2), 0.0)
+    artifact = fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)
+    queries = ["Hi", HARMFUL[0], BENIGN[1]]
+    layout = ChatLayout(lm.tokenizer)
+    reply = len(layout.reply_ids("Sure"))
+    expected = sum(len(layout.prompt_ids(q)) + reply + 2 for q in queries)
+    with timed_forwards(lm.model, "cpu") as timer:
+        single_forward_fused(lm, artifact, queries, GenerationConfig(max_new_tokens=2))
+    assert timer.calls[0].real_tokens() == expected
