@@ -220,3 +220,27 @@ def test_resume_refuses_rows_of_other_prompts(
     with pytest.raises(RunError, match=r"1 row\(s\) whose prompt differs .* id 1"):
         evaluate(options, lm=tiny)
     assert _rows(tmp_path) == rows  # the folder is left as it was
+
+
+def test_a_fine_tunes_training_prompts_are_never_test_prompts(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts a model was trained on (``LoadedModel.trained_on``, e.g. the organism's) are
+    dropped from every test set, whatever the anchor seed."""
+    from safesteer.evaluation import evaluate as evaluate_module
+
+    def fake(method: str, lm: Any, artifact: Any, queries: Any, *args: Any, **kw: Any) -> None:
+        args[3](
+            list(range(len(queries))), [evaluate_module.MethodOutput("Sure.", None)] * len(queries)
+        )
+
+    monkeypatch.setattr(evaluate_module, "run_method", fake)
+    options = _options(tmp_path / "a", methods=["default"], suite="xstest", limit=3, seed=1)
+    evaluate(options, lm=tiny)
+    first = {r["prompt"] for r in _rows(tmp_path / "a")}
+    monkeypatch.setattr(tiny, "trained_on", frozenset(first))
+    evaluate(
+        _options(tmp_path / "b", methods=["default"], suite="xstest", limit=3, seed=1), lm=tiny
+    )
+    second = {r["prompt"] for r in _rows(tmp_path / "b")}
+    assert len(second) == len(first) and not first & second

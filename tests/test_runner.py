@@ -166,3 +166,14 @@ def test_overlong_prompt_is_refused(tiny_models: dict[str, LoadedModel]) -> None
     check_prompt_lengths(lm, ["short prompt"], 8)
     with pytest.raises(RunError, match=r"prompt 1 has .* does not fit the model's context"):
         check_prompt_lengths(lm, ["short", "word " * (limit * 2)], 8)
+
+
+def test_run_never_tests_on_the_models_training_prompts(
+    embedded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run(_options(tmp_path / "a", method="none", max_new_tokens=2), lm=embedded)
+    first = {str(r["prompt"]) for r in _rows(tmp_path / "a")}
+    monkeypatch.setattr(embedded, "trained_on", frozenset(first))
+    run(_options(tmp_path / "b", method="none", max_new_tokens=2), lm=embedded)
+    second = {str(r["prompt"]) for r in _rows(tmp_path / "b")}
+    assert len(second) == len(first) and not first & second

@@ -528,6 +528,7 @@ def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
         lm = load_model_for(options)
     artifact = fit_or_load(lm, options, out, resuming, save=False)
     anchors = list(artifact.anchors.get("harmful", [])) + list(artifact.anchors.get("benign", []))
+    anchors += sorted(lm.trained_on)  # a fine-tune's own training prompts are never test prompts
     prompts = select_prompts(test_prompts, anchors, options)
     model_texts = fit_prompt_lengths(
         lm,

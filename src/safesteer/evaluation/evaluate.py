@@ -556,7 +556,7 @@ def evaluate(
         return _evaluate_capability(options, lm, artifact, out, settings_path)
     anchors = {
         a.strip() for a in artifact.anchors.get("harmful", []) + artifact.anchors.get("benign", [])
-    }
+    } | {t.strip() for t in lm.trained_on}  # a fine-tune's own training prompts
     switch = None
     if options.safeswitch_artifact and any(m in SAFESWITCH_METHODS for m in options.methods):
         switch = SafeSwitchArtifact.load(options.safeswitch_artifact, lm)
