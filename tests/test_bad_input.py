@@ -219,12 +219,17 @@ CASES: list[tuple[str, Args, str]] = [
     (
         "model-missing",
         lambda e: _run(e, "--model", str(e.root / "no-model")),
-        r"Could not load model '.*no-model'.*Pass a name from `safesteer models list`",
+        r"Model path .*no-model does not exist.*`safesteer models list`",
     ),
     (
         "model-empty-folder",
         lambda e: _run(e, "--model", str(_empty_dir(e))),
-        r"Could not load model '.*empty-model'.*Pass a name",
+        r"Model folder .*empty-model holds no Hugging Face model \(no config\.json\)",
+    ),
+    (
+        "model-not-a-gguf-file",
+        lambda e: _run(e, "--model", e.file("weights.bin", "not a model")),
+        r"weights\.bin is a file but not a \.gguf file",
     ),
     (
         "model-garbage-gguf",

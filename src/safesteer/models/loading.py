@@ -103,6 +103,32 @@ def _load_source(source: ModelSource, kwargs: dict[str, Any]) -> tuple[Any, Any]
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), tokenizer
 
 
+def _looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub id (``owner/name``)."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1
+
+
+def _check_model_path(spec: str, path: Path) -> None:
+    """Clear errors for a model folder that is missing or holds no model."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"Model folder {path} holds no Hugging Face model (no config.json). Point --model "
+                "at the folder that `save_pretrained` wrote, a .gguf file, or a name from "
+                "`safesteer models list`."
+            )
+    elif path.exists():
+        raise ModelLoadError(
+            f"--model {spec} is a file but not a .gguf file. Pass a Hugging Face model folder, a "
+            ".gguf file, or a name from `safesteer models list`."
+        )
+    elif _looks_like_path(spec):
+        raise ModelLoadError(
+            f"Model path {path} does not exist. Check the path, or pass a name from "
+            "`safesteer models list` or a hub id (owner/name)."
+        )
+
+
 def load_model(
     spec: str | None = None,
     *,
@@ -145,6 +171,7 @@ def load_model(
                     path.parent, gguf_file=path.name, **kwargs
                 )
             else:
+                _check_model_path(spec, path)
                 where: str | Path = path if path.is_dir() else spec
                 tokenizer = AutoTokenizer.from_pretrained(
                     where, trust_remote_code=trust_remote_code
