@@ -20,6 +20,7 @@ from safesteer.cli_datasets import datasets_app
 from safesteer.cli_models import models_app
 from safesteer.cli_organism import organism_app
 from safesteer.cli_safeswitch import chat_command, fit_safeswitch_command, generate_safeswitch
+from safesteer.cli_serve import serve_command
 from safesteer.datasets import DatasetError
 from safesteer.models import ModelLoadError
 
@@ -36,6 +37,7 @@ app.add_typer(organism_app, name="organism")
 fit_app.command("safeswitch")(fit_safeswitch_command)
 app.command("chat")(chat_command)
 app.command("calibrate")(calibrate_command)
+app.command("serve")(serve_command)
 err = Console(stderr=True)
 
 ModelOpt = Annotated[

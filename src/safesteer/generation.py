@@ -43,6 +43,11 @@ class Generated:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Called after every decoding step with each row's new token (pad for finished rows); may return
+# one flag per row to finish those rows early (a streaming server: per-row limits, disconnects).
+StepCallback = Callable[[list[int]], Sequence[bool] | None]
+
+
 def stop_token_ids(lm: LoadedModel) -> list[int]:
     """End-of-sequence / end-of-turn ids from the generation config and the tokenizer."""
     ids: set[int] = set()
@@ -68,11 +73,12 @@ def decode_loop(
     first_logits: torch.Tensor,
     cache: Any,
     config: GenerationConfig,
+    on_step: StepCallback | None = None,
 ) -> Generated:
     """Decode greedily from logits for the first new token of every row of ``batch``.
 
     ``cache`` holds the keys/values of all of ``batch`` (ignored when ``config.use_cache`` is off,
-    in which case every step reruns the whole sequence).
+    in which case every step reruns the whole sequence). ``on_step``: see :data:`StepCallback`.
     """
     rows = batch.input_ids.shape[0]
     device = first_logits.device
@@ -98,6 +104,10 @@ def decode_loop(
         is_stop = torch.isin(token, stops) & ~finished
         stopped_by_eos |= is_stop
         finished |= is_stop
+        if on_step is not None:
+            done = on_step([int(t) for t in token.tolist()])
+            if done is not None:
+                finished |= torch.tensor(list(done), dtype=torch.bool, device=device)
         if bool(finished.all()) or step == config.max_new_tokens - 1:
             break
         if seen is not None:
@@ -188,13 +198,16 @@ def _rollback_message(cache: Any, tokens: int, length: int) -> str:
 
 @torch.inference_mode()
 def generate_ids(
-    lm: LoadedModel, prompts: Sequence[Sequence[int]], config: GenerationConfig
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    on_step: StepCallback | None = None,
 ) -> Generated:
     """Greedy generation for already-encoded prompts in one left-padded batch."""
     batch = left_pad(prompts, int(lm.tokenizer.pad_token_id), lm.device)
     cache = new_cache(lm) if config.use_cache else None
     out = forward(lm, batch, past_key_values=cache, use_cache=config.use_cache)
-    return decode_loop(lm, batch, out.logits[:, -1, :].float(), cache, config)
+    return decode_loop(lm, batch, out.logits[:, -1, :].float(), cache, config, on_step)
 
 
 def decode_texts(lm: LoadedModel, generated: Generated) -> list[str]:

@@ -26,6 +26,7 @@ from safesteer.artifacts import ArtifactError, check_model, load_artifact, save_
 from safesteer.generation import (
     Generated,
     GenerationConfig,
+    StepCallback,
     decode_loop,
     generate_ids,
     length_sorted_batches,
@@ -628,6 +629,7 @@ def _fused_batch(
     config: GenerationConfig,
     coefficients: Coefficients,
     direction: torch.Tensor | None,
+    on_step: StepCallback | None = None,
 ) -> tuple[list[ScansDecision], Generated]:
     """Decision and steered decoding sharing one prefill.
 
@@ -654,7 +656,7 @@ def _fused_batch(
     step = Batch(prompt.input_ids[:, -1:], prompt.attention_mask, prompt.position_ids[:, -1:])
     with steering(lm, artifact.steering_vectors(direction), coefficients(decisions), last_column):
         out = forward(lm, step, past_key_values=cache, use_cache=True)
-        generated = decode_loop(lm, prompt, out.logits[:, -1, :].float(), cache, config)
+        generated = decode_loop(lm, prompt, out.logits[:, -1, :].float(), cache, config, on_step)
     return decisions, generated
 
 

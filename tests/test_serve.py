@@ -1,0 +1,444 @@
+"""`safesteer serve` through real HTTP: uvicorn on a free loopback port in a thread, the real
+`openai` client (and raw HTTP for malformed input), tiny random models.
+
+Served results are compared with the library's functions on the same prompts: SCANS, the
+unsteered SCANS baseline (method none), SafeSwitch and plain generation.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import PreTrainedTokenizerFast
+
+from conftest import BENIGN, HARMFUL, build_tiny
+from safesteer.generation import GenerationConfig, decode_texts, generate_ids
+from safesteer.layout import ChatLayout
+from safesteer.methods.safeswitch import (
+    Prober,
+    SafeSwitchArtifact,
+    SafeSwitchSettings,
+    head_checksum,
+    safeswitch_generate,
+)
+from safesteer.methods.scans import (
+    ScansArtifact,
+    ScansSettings,
+    classify,
+    fit_scans,
+    scans_generate,
+    unsteered,
+)
+from safesteer.models import LoadedModel
+from safesteer.serving import Engine, EngineSettings, ServeSettings, create_app
+
+QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
+TOKENS = 10
+KEY = "test-key-123"
+HANG_GUARD_S = 60  # only against a hung test; nothing is timed
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer: PreTrainedTokenizerFast) -> LoadedModel:
+    return build_tiny("llama", tokenizer, name="tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def scans(lm: LoadedModel) -> ScansArtifact:
+    """Fitted on the tiny model, threshold at the median score of QUERIES (both signs occur)."""
+    settings = ScansSettings(
+        alpha=0.5,
+        alpha_mode="relative",
+        steer_layers=(1, 2),
+        cls_layers=tuple(range(1, lm.num_layers)),
+        threshold=None,
+    )
+    artifact = fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=3)
+    scores = sorted(d.score for d in classify(lm, artifact, QUERIES))
+    middle = len(scores) // 2
+    return artifact.with_settings(threshold=(scores[middle - 1] + scores[middle]) / 2)
+
+
+def _prober(dim: int, seed: int) -> Prober:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prober = Prober(dim)
+        prober.fc2.weight.data *= 20
+    return prober.eval()
+
+
+@pytest.fixture(scope="module")
+def safeswitch(lm: LoadedModel) -> SafeSwitchArtifact:
+    """Random prober and refusal head (direct mode), threshold at the median: half flagged."""
+    generator = torch.Generator().manual_seed(7)
+    shape = tuple(lm.model.get_output_embeddings().weight.shape)
+    artifact = SafeSwitchArtifact(
+        settings=SafeSwitchSettings(mode="direct", layer=1, n_decode=0),
+        stage1=_prober(lm.hidden_size, 1),
+        stage2=None,
+        head_delta=(torch.randn(shape, generator=generator) * 2).half(),
+        model_fingerprint=lm.fingerprint(),
+        base_head_checksum=head_checksum(lm),
+    )
+    config = GenerationConfig(max_new_tokens=1)
+    probe = artifact.with_settings(threshold1=-1.0)
+    p1 = sorted(r.decision.stage1 or 0.0 for r in safeswitch_generate(lm, probe, QUERIES, config))
+    return artifact.with_settings(threshold1=(p1[2] + p1[3]) / 2)
+
+
+@contextmanager
+def serving(engine: Engine, settings: ServeSettings) -> Iterator[tuple[str, Engine, ServeSettings]]:
+    """The app on a free 127.0.0.1 port, served by uvicorn in a thread until the block ends."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", engine, settings
+    finally:
+        server.should_exit = True
+        thread.join(HANG_GUARD_S)
+        sock.close()
+
+
+def _settings(lm: LoadedModel, **kw: Any) -> ServeSettings:
+    return ServeSettings(
+        model_id=lm.name, context=256, max_tokens_limit=64, default_max_tokens=TOKENS, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def server(
+    lm: LoadedModel, scans: ScansArtifact, safeswitch: SafeSwitchArtifact
+) -> Iterator[tuple[str, Engine, ServeSettings]]:
+    engine = Engine(lm, scans=scans, safeswitch=safeswitch, settings=EngineSettings(max_batch=8))
+    with serving(engine, _settings(lm, default_method="scans")) as running:
+        yield running
+
+
+def _client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=HANG_GUARD_S)
+
+
+def _ask(client: openai.OpenAI, model: str, query: str, **safesteer: Any) -> Any:
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": query}],
+        max_tokens=TOKENS,
+        extra_body={"safesteer": safesteer} if safesteer else None,
+    )
+
+
+def _post(url: str, body: bytes | dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+    """Raw HTTP POST to /v1/chat/completions; (status, parsed JSON body)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=HANG_GUARD_S)
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        raw,
+        {"Content-Type": "application/json", **(headers or {})},
+    )
+    response = conn.getresponse()
+    data = json.loads(response.read())
+    conn.close()
+    return response.status, data
+
+
+def test_models_and_health(server: tuple[str, Engine, ServeSettings]) -> None:
+    url, _engine, settings = server
+    client = _client(url)
+    assert [m.id for m in client.models.list().data] == [settings.model_id]
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=HANG_GUARD_S)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    assert health["status"] == "ok"
+    assert health["methods"] == ["none", "scans", "safeswitch"]
+    assert health["default_method"] == "scans"
+
+
+def test_concurrent_mixed_methods_equal_the_library(
+    server: tuple[str, Engine, ServeSettings],
+    lm: LoadedModel,
+    scans: ScansArtifact,
+    safeswitch: SafeSwitchArtifact,
+) -> None:
+    url, engine, settings = server
+    client = _client(url)
+    config = GenerationConfig(max_new_tokens=TOKENS)
+    strong = scans.settings.alpha * 3
+    expected: dict[tuple[str, float | None], list[Any]] = {
+        ("scans", None): scans_generate(lm, scans, QUERIES, config),
+        ("scans", strong): scans_generate(lm, scans.with_settings(alpha=strong), QUERIES, config),
+        ("none", None): scans_generate(lm, scans, QUERIES, config, coefficients=unsteered),
+        ("safeswitch", None): safeswitch_generate(lm, safeswitch, QUERIES, config),
+    }
+    jobs = [(key, i) for key in expected for i in range(len(QUERIES))]
+
+    def call(job: tuple[tuple[str, float | None], int]) -> Any:
+        (method, alpha), i = job
+        options: dict[str, Any] = {"method": method}
+        if alpha is not None:
+            options["alpha"] = alpha
+        return _ask(client, settings.model_id, QUERIES[i], **options)
+
+    before = len(engine.batches)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(call, jobs))
+    for ((method, alpha), i), answer in zip(jobs, answers, strict=True):
+        want = expected[(method, alpha)][i]
+        assert answer.choices[0].message.content == want.response, (method, alpha, i)
+        assert answer.usage.completion_tokens == len(want.token_ids)
+        assert answer.choices[0].finish_reason == ("stop" if want.stopped else "length")
+        decision = answer.model_extra["safesteer"]
+        assert decision["method"] == method
+        if method == "safeswitch":
+            assert decision["flagged"] == want.decision.flagged
+            assert decision["stage1"] == pytest.approx(want.decision.stage1)
+        else:
+            assert decision["sigma"] == want.decision.sigma
+            assert decision["score"] == pytest.approx(want.decision.score)
+            if method == "none":
+                assert decision["coefficient"] == 0
+            else:
+                assert abs(decision["coefficient"]) == pytest.approx((alpha or 0.5) / 0.5)
+    steered, baseline = expected[("scans", None)], expected[("none", None)]
+    assert any(a.response != b.response for a, b in zip(steered, baseline, strict=True))
+    sigmas = {r.decision.sigma for r in expected[("scans", None)]}
+    assert sigmas == {-1, 1}  # both steering signs were served
+    assert {r.decision.flagged for r in expected[("safeswitch", None)]} == {True, False}
+    # 24 requests at once with 8 rows per batch: some batch held more than one row
+    assert max(size for size, _ in list(engine.batches)[before:]) > 1
+
+
+def test_streamed_chunks_join_to_the_non_streamed_text(
+    server: tuple[str, Engine, ServeSettings],
+) -> None:
+    url, _engine, settings = server
+    client = _client(url)
+    for method in ("scans", "none", "safeswitch"):
+        for query in QUERIES[:3]:
+            plain = _ask(client, settings.model_id, query, method=method)
+            stream = client.chat.completions.create(
+                model=settings.model_id,
+                messages=[{"role": "user", "content": query}],
+                max_tokens=TOKENS,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"safesteer": {"method": method}},
+            )
+            chunks = list(stream)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert text == plain.choices[0].message.content
+            finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert [c.choices[0].finish_reason for c in finals] == [plain.choices[0].finish_reason]
+            assert finals[0].model_extra["safesteer"] == plain.model_extra["safesteer"]
+            assert chunks[-1].usage is not None
+            assert chunks[-1].usage.model_dump() == plain.usage.model_dump()
+
+
+def test_requests_queued_together_share_one_batch(
+    lm: LoadedModel, scans: ScansArtifact, safeswitch: SafeSwitchArtifact
+) -> None:
+    """A first request holds the worker; three requests of three methods queue meanwhile and then
+    run as one batch: SCANS and none rows in one forward, SafeSwitch in its own."""
+    hold, held = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        if not hold.is_set():
+            held.set()
+            assert hold.wait(HANG_GUARD_S)
+
+    engine = Engine(lm, scans=scans, safeswitch=safeswitch, step_hook=pause)
+    with serving(engine, _settings(lm, default_method="scans")) as (url, _, settings):
+        client = _client(url)
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(_ask, client, settings.model_id, QUERIES[0])
+            assert held.wait(HANG_GUARD_S)
+            rest = [
+                pool.submit(_ask, client, settings.model_id, QUERIES[i + 1], method=m)
+                for i, m in enumerate(("scans", "none", "safeswitch"))
+            ]
+            _wait_for(lambda: engine.queued() == 3)
+            hold.set()
+            answers = [first.result(), *(f.result() for f in rest)]
+    assert [a.model_extra["safesteer"]["method"] for a in answers] == [
+        "scans",
+        "scans",
+        "none",
+        "safeswitch",
+    ]
+    assert list(engine.batches)[-1] == (3, {"scans": 2, "safeswitch": 1})
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def test_disconnect_mid_stream_frees_the_row(lm: LoadedModel, scans: ScansArtifact) -> None:
+    """The worker pauses after the first token; the client reads it and hangs up; the row is
+    cancelled, stops at the next step, and the server goes on serving."""
+    hold, held = threading.Event(), threading.Event()
+
+    def pause() -> None:
+        if not hold.is_set():
+            held.set()
+            assert hold.wait(HANG_GUARD_S)
+
+    engine = Engine(lm, scans=scans, step_hook=pause)
+    with serving(engine, _settings(lm)) as (url, _, settings):
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=HANG_GUARD_S)
+        body = {
+            "model": settings.model_id,
+            "messages": [{"role": "user", "content": QUERIES[1]}],
+            "max_tokens": 60,
+            "stream": True,
+        }
+        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode())
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # the role chunk
+        assert held.wait(HANG_GUARD_S)
+        [job] = engine.active()
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        _wait_for(job.cancelled.is_set)
+        hold.set()
+        _wait_for(lambda: not engine.active())
+        assert job.finish_reason == "cancelled"
+        assert len(job.token_ids) < 60
+        answer = _ask(_client(url), settings.model_id, QUERIES[0])
+        assert answer.choices[0].message.content
+
+
+def test_api_key(lm: LoadedModel) -> None:
+    engine = Engine(lm)
+    with serving(engine, _settings(lm, api_key=KEY)) as (url, _, settings):
+        assert _ask(_client(url, KEY), settings.model_id, QUERIES[1]).choices[0].message
+        with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+            _ask(_client(url, "not-the-key"), settings.model_id, QUERIES[1])
+        body = {"model": settings.model_id, "messages": [{"role": "user", "content": "Hi"}]}
+        status, data = _post(url, body)
+        assert status == 401 and "Authorization: Bearer" in data["error"]["message"]
+        status, _ = _post(url, body, {"Authorization": "Basic " + KEY})
+        assert status == 401
+        with pytest.raises(openai.AuthenticationError):
+            _client(url, "wrong").models.list()
+
+
+def test_none_without_artifact_is_plain_generation(lm: LoadedModel) -> None:
+    engine = Engine(lm)
+    with serving(engine, _settings(lm)) as (url, _, settings):
+        client = _client(url)
+        with ThreadPoolExecutor(len(QUERIES)) as pool:
+            answers = list(pool.map(lambda q: _ask(client, settings.model_id, q), QUERIES))
+        status, data = _post(
+            url,
+            {
+                "model": settings.model_id,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "safesteer": {"method": "scans"},
+            },
+        )
+    layout = ChatLayout(lm.tokenizer)
+    want = decode_texts(
+        lm, generate_ids(lm, [layout.prompt_ids(q) for q in QUERIES], GenerationConfig(TOKENS))
+    )
+    assert [a.choices[0].message.content for a in answers] == want
+    assert all(a.model_extra["safesteer"] == {"method": "none"} for a in answers)
+    assert status == 400 and "--artifact" in data["error"]["message"]
+
+
+BAD_REQUESTS: list[tuple[str, Any, str]] = [
+    ("bad JSON", b'{"model": "tiny-llama", "messages": [', "not valid JSON"),
+    ("not an object", b"[1, 2]", "valid dictionary"),
+    ("no messages", {"messages": []}, "at least 1 item"),
+    ("messages missing", {"messages": None}, "messages"),
+    ("empty content", {"messages": [{"role": "user", "content": "  "}]}, "every message is empty"),
+    ("bad role", {"messages": [{"role": "robot", "content": "Hi"}]}, "role"),
+    ("max_tokens 0", {"max_tokens": 0}, "max_tokens: Input should be greater than 0"),
+    ("max_tokens negative", {"max_tokens": -5}, "greater than 0"),
+    ("max_tokens over the limit", {"max_tokens": 65}, "over this server's limit of 64"),
+    ("unknown method", {"safesteer": {"method": "magic"}}, "safesteer.method"),
+    ("unknown safesteer field", {"safesteer": {"beta": 1}}, "unsupported parameter"),
+    ("NaN alpha", b"NaN-ALPHA", "finite number"),
+    ("negative alpha", {"safesteer": {"method": "scans", "alpha": -1}}, "greater than or equal"),
+    ("alpha for safeswitch", {"safesteer": {"method": "safeswitch", "alpha": 1}}, "takes none"),
+    ("unsupported parameter", {"frequency_penalty": 0.5}, "unsupported parameter"),
+    ("tools", {"tools": [{"type": "function"}]}, "unsupported parameter 'tools'"),
+    ("sampling", {"temperature": 0.7}, "decodes greedily"),
+    ("two choices", {"n": 2}, "one choice"),
+    ("overlong message", {"messages": [{"role": "user", "content": "sea " * 300}]}, "context"),
+    ("huge message", {"messages": [{"role": "user", "content": "x" * 20000}]}, "far over"),
+    ("prompt + max_tokens over context", {"max_tokens": 64, "messages": [
+        {"role": "user", "content": "sea " * 180}]}, "over the model's context of 256"),
+    ("assistant last", {"messages": [{"role": "assistant", "content": "Hi"}]}, "assistant"),
+    ("wrong model", {"model": "gpt-4"}, "not served here"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "message"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_requests_get_a_clear_4xx(
+    server: tuple[str, Engine, ServeSettings], what: str, change: Any, message: str
+) -> None:
+    url, _engine, settings = server
+    body: Any
+    if change == b"NaN-ALPHA":
+        body = (
+            b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], '
+            b'"safesteer": {"method": "scans", "alpha": NaN}}' % settings.model_id.encode()
+        )
+    elif isinstance(change, bytes):
+        body = change
+    else:
+        body = {
+            "model": settings.model_id,
+            "messages": [{"role": "user", "content": "Hi"}],
+            **change,
+        }
+    status, data = _post(url, body)
+    assert 400 <= status < 500, (what, status, data)
+    assert message in data["error"]["message"], (what, data)
+    assert "Traceback" not in data["error"]["message"]
+
+
+def test_bad_request_through_the_client_then_the_server_still_serves(
+    server: tuple[str, Engine, ServeSettings],
+) -> None:
+    url, _engine, settings = server
+    client = _client(url)
+    # (the client itself refuses to send NaN; raw HTTP sends it above)
+    with pytest.raises(openai.BadRequestError, match=r"safesteer\.method"):
+        _ask(client, settings.model_id, "Hi", method="steer-harder")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(
+            model=settings.model_id, messages=[{"role": "user", "content": "Hi"}], max_tokens=0
+        )
+    assert _ask(client, settings.model_id, QUERIES[0]).choices[0].message.content is not None
