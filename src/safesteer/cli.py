@@ -17,6 +17,7 @@ from safesteer import __version__
 from safesteer.artifacts import ArtifactError
 from safesteer.cli_calibrate import calibrate_command
 from safesteer.cli_datasets import datasets_app
+from safesteer.cli_export import export_app, import_app
 from safesteer.cli_models import models_app
 from safesteer.cli_organism import organism_app
 from safesteer.cli_safeswitch import chat_command, fit_safeswitch_command, generate_safeswitch
@@ -34,6 +35,8 @@ app.add_typer(fit_app, name="fit")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(models_app, name="models")
 app.add_typer(organism_app, name="organism")
+app.add_typer(export_app, name="export")
+app.add_typer(import_app, name="import")
 fit_app.command("safeswitch")(fit_safeswitch_command)
 app.command("chat")(chat_command)
 app.command("calibrate")(calibrate_command)
