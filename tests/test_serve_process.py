@@ -98,3 +98,16 @@ def test_sigterm_lets_in_flight_streams_finish(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_benchmark_statistics() -> None:
+    from benchmarks.serve_concurrency import Outcome, percentile, phase_stats
+
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([0.0, 10.0], 90) == 9.0
+    stats = phase_stats(
+        [Outcome(ttft=0.5, latency=1.5, tokens=11), Outcome(error="APIConnectionError: x")], 2.0
+    )
+    assert stats["errors"] == 1 and stats["tokens"] == 11
+    assert stats["tokens_per_second"] == 5.5
+    assert stats["decode_tokens_per_second_per_request"]["p50"] == 10.0
