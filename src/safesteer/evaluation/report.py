@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safesteer.evaluation.suites import SCANS_TABLE2
+from safesteer.models.layers import compact_ranges
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -223,17 +224,7 @@ def _compact_layers(layers: Sequence[int]) -> str:
     """``[10, 11, 12, 15]`` -> ``10–12, 15``."""
     if not layers:
         return "–"
-    parts: list[str] = []
-    ordered = sorted(set(layers))
-    start = prev = ordered[0]
-    for layer in [*ordered[1:], None]:
-        if layer is not None and layer == prev + 1:
-            prev = layer
-            continue
-        parts.append(str(start) if start == prev else f"{start}–{prev}")
-        if layer is not None:
-            start = prev = layer
-    return ", ".join(parts)
+    return compact_ranges(sorted(set(layers)), dash="–")
 
 
 def _excerpt(text: object, limit: int) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from safesteer.models.handle import LoadedModel
+from safesteer.models.layers import compact_ranges
 
 FINGERPRINT_VERSION = 2
 ROWS_PER_TENSOR = 8
@@ -143,25 +144,12 @@ def is_legacy(fingerprint: dict[str, Any]) -> bool:
     return "weights" not in fingerprint and "checksums" in fingerprint
 
 
-def _ranges(indices: list[int]) -> str:
-    parts: list[str] = []
-    start = prev = indices[0]
-    for i in [*indices[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ", ".join(parts)
-
-
 def _describe_groups(groups: list[str]) -> str:
     layers = sorted(int(g.split(".", 1)[1]) for g in groups if g.startswith("layer."))
     named = {"embed": "the embeddings", "other": "the final norm / LM head"}
     out = [named.get(g, g) for g in groups if not g.startswith("layer.")]
     if layers:
-        out.append(f"decoder layer{'s' if len(layers) > 1 else ''} {_ranges(layers)}")
+        out.append(f"decoder layer{'s' if len(layers) > 1 else ''} {compact_ranges(layers)}")
     return " and ".join(out)
 
 

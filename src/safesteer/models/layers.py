@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -56,3 +57,17 @@ def find_decoder_layers(
     candidates.sort(key=lambda c: (c[0].count("."), -len(c[1])))
     name, module = candidates[0]
     return name, list(module)
+
+
+def compact_ranges(indices: Sequence[int], dash: str = "-") -> str:
+    """Increasing layer indices as ranges: ``[10, 11, 12, 15]`` -> ``10-12, 15``."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(str(start) if start == prev else f"{start}{dash}{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
