@@ -14,10 +14,8 @@ by then are skipped and counted). Phases alternate over ``--reps`` (seq, conc, c
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Report, Target, build_parser, finish_args, median
+from safesteer.serving.local import free_port, is_healthy
 
 NAME = "serve_concurrency"
 RATIO_TARGET = 4.0  # the target: 64 clients, 2 CPU cores, the 0.5B model
@@ -41,23 +40,6 @@ class Outcome:
     ttft: float | None = None
     latency: float | None = None
     tokens: int = 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(port: int, key: str) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/health", headers={"Authorization": f"Bearer {key}"})
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
 
 
 def start_server(args: Any, port: int, key: str) -> subprocess.Popen[bytes]:
@@ -74,7 +56,7 @@ def start_server(args: Any, port: int, key: str) -> subprocess.Popen[bytes]:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, env={**os.environ, "SAFESTEER_API_KEY": key})
     deadline = time.monotonic() + args.startup_limit
-    while not _healthy(port, key):
+    while not is_healthy(port, key):
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode} before it was ready")
         if time.monotonic() > deadline:
@@ -197,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     anchors = draw_anchors(max(1, (args.requests + 1) // 2), args.seed)
     mixed = [q for pair in zip(anchors.benign, anchors.harmful, strict=True) for q in pair]
     prompts = mixed[: args.requests]
-    port, key = _free_port(), "bench-" + os.urandom(8).hex()
+    port, key = free_port(), "bench-" + os.urandom(8).hex()
     proc = start_server(args, port, key)
     try:
 

@@ -4,10 +4,8 @@ subprocess imports torch and transformers."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from typer.testing import CliRunner
 
 from conftest import BENIGN, build_tiny
 from safesteer.cli import app
+from safesteer.serving.local import free_port, is_healthy
 
 HANG_GUARD_S = 180  # only against a hung test; nothing is timed
 
@@ -33,23 +32,6 @@ def test_no_key_binds_loopback_only() -> None:
     assert "Traceback" not in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(port: int, key: str) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        conn.request("GET", "/health", headers={"Authorization": f"Bearer {key}"})
-        ok = conn.getresponse().status == 200
-        conn.close()
-        return ok
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_sigterm_lets_in_flight_streams_finish(
     tmp_path: Path, tokenizer: PreTrainedTokenizerFast
@@ -58,7 +40,7 @@ def test_sigterm_lets_in_flight_streams_finish(
     folder = tmp_path / "tiny"
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
-    port, key = _free_port(), "k" * 16
+    port, key = free_port(), "k" * 16
     env = {**os.environ, "SAFESTEER_API_KEY": key, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-c", "from safesteer.cli import main; main()", "serve"]
     args += ["--model", str(folder), "--port", str(port), "--threads", "1"]
@@ -66,7 +48,7 @@ def test_sigterm_lets_in_flight_streams_finish(
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + HANG_GUARD_S
-        while not _healthy(port, key):
+        while not is_healthy(port, key):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.2)
@@ -93,7 +75,7 @@ def test_sigterm_lets_in_flight_streams_finish(
         # uvicorn shuts down gracefully, then re-raises the signal (the conventional exit status)
         assert proc.wait(HANG_GUARD_S) in (0, -signal.SIGTERM)
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
-        assert not _healthy(port, key)  # it is gone
+        assert not is_healthy(port, key)  # it is gone
     finally:
         if proc.poll() is None:
             proc.kill()
