@@ -48,6 +48,7 @@ from safesteer.methods.safeswitch_head import (
 from safesteer.methods.safeswitch_probe import ProberConfig, calibrate_threshold, train_prober
 from safesteer.methods.safeswitch_train import (
     EVAL_SOURCES,
+    HARMLESS_SOURCES,
     FitConfig,
     TrainingPrompt,
     fit_safeswitch,
@@ -400,7 +401,19 @@ def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
     assert all(v > 0 for v in report["sources"].values())
     sorry = [p for p in prompts if p.source == "sorry-bench-train"]
     assert sorry and all(p.category in SORRY_BENCH_CATEGORIES for p in sorry)
-    assert all(p.category is None for p in prompts if p.source == "truthfulqa")
+    assert all(p.category is None for p in prompts if not p.source.startswith("sorry-bench"))
+    # harmless prompts come from training splits and written prompts (never a SCANS test set),
+    # and mixed-label sources give only their safe rows
+    assert {p.source for p in prompts if not p.harmful} == set(HARMLESS_SOURCES)
+    from safesteer.datasets.validation import written_prompts
+
+    safe_written = {p.text for p in written_prompts() if p.label == "safe"}
+    assert all(p.text in safe_written for p in prompts if p.source == "validation-written")
+    repe_safe = {
+        p.text for p in load_test_set("repe-train", data_dir=shared_data) if p.label == "safe"
+    }
+    assert all(p.text in repe_safe for p in prompts if p.source == "repe-train")
+    assert not {"truthfulqa", "heldout"} & set(report["sources"])
 
 
 def test_chat_loop_and_eval_wiring(tiny_models: dict[str, LoadedModel]) -> None:

@@ -318,7 +318,10 @@ def eval_command(
     ] = "scans-paper",
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated: default, prompt, scans, random, safeswitch, head."),
+        typer.Option(
+            help="Comma-separated: default, prompt, prompt-balanced, scans, random, safeswitch, "
+            "head, prober+prompt, scans+safeswitch."
+        ),
     ] = "default,scans",
     judge: Annotated[
         str, typer.Option(help="Comma-separated: paper, strict, llm.")
@@ -326,7 +329,10 @@ def eval_command(
     model: ModelOpt = None,
     artifact: Annotated[Path | None, typer.Option(help="A fitted SCANS artifact.")] = None,
     safeswitch_artifact: Annotated[
-        Path | None, typer.Option(help="A SafeSwitch artifact (methods safeswitch, head).")
+        Path | None,
+        typer.Option(
+            help="A SafeSwitch artifact (safeswitch, head, prober+prompt, scans+safeswitch)."
+        ),
     ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Seeded sample of N prompts per subset.")
@@ -346,6 +352,16 @@ def eval_command(
         str | None, typer.Option(help="OpenAI-compatible base URL for the llm judge (…/v1).")
     ] = None,
     judge_model: Annotated[str | None, typer.Option(help="Model name for the llm judge.")] = None,
+    judge_template: Annotated[
+        str,
+        typer.Option(help="LLM judge prompt: default, published (SafeSwitch's) or a file (PATH)."),
+    ] = "default",
+    system_prompt: Annotated[
+        str,
+        typer.Option(
+            help="Prompt format of default/scans: suite (the suite's), model, safeswitch or TEXT."
+        ),
+    ] = "suite",
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95 % intervals.")] = 1000,
     recipe: RecipeOpt = "auto",
     truncate: TruncateOpt = "none",
@@ -375,6 +391,8 @@ def eval_command(
         repetition_penalty=repetition_penalty,
         judge_url=judge_url,
         judge_model=judge_model,
+        judge_template=judge_template,
+        system_prompt=system_prompt,
         bootstrap=bootstrap,
         recipe=recipe,
         dtype=dtype,

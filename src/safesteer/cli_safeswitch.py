@@ -43,6 +43,16 @@ def fit_safeswitch_command(
         str | None, typer.Option(help="OpenAI-compatible base URL for --judge llm (…/v1).")
     ] = None,
     judge_model: Annotated[str | None, typer.Option(help="Model name for --judge llm.")] = None,
+    judge_template: Annotated[
+        str,
+        typer.Option(help="LLM judge prompt: default, published (SafeSwitch's) or a file (PATH)."),
+    ] = "default",
+    thresholds: Annotated[
+        str,
+        typer.Option(
+            help="Prober thresholds: calibrated (on the validation split) or paper (0.5)."
+        ),
+    ] = "calibrated",
     n_decode: Annotated[int, typer.Option(help="Pilot tokens before stage 2 and the switch.")] = 3,
     label_tokens: Annotated[int, typer.Option(help="Tokens of each answer the judge labels.")] = 48,
     lr: Annotated[float, typer.Option(help="Prober learning rate (AdamW).")] = 1e-3,
@@ -66,11 +76,12 @@ def fit_safeswitch_command(
     from dataclasses import replace
 
     from safesteer.cli import _device, _user_errors
-    from safesteer.judges import JudgeRequestError, LLMJudge, StrictJudge
+    from safesteer.judges import JudgeRequestError, LLMJudge, StrictJudge, judge_prompt_for
     from safesteer.methods.safeswitch import MODES
     from safesteer.methods.safeswitch_head import HeadConfig
     from safesteer.methods.safeswitch_probe import ProberConfig, plot_sweep
     from safesteer.methods.safeswitch_train import (
+        THRESHOLD_CHOICES,
         FitConfig,
         LayerChoice,
         fit_safeswitch,
@@ -85,6 +96,9 @@ def fit_safeswitch_command(
     if judge not in ("strict", "llm"):
         err.print(f"[red]unknown judge {judge!r}; use strict or llm[/red]")
         raise typer.Exit(2)
+    if thresholds not in THRESHOLD_CHOICES:
+        err.print(f"[red]unknown --thresholds {thresholds!r}; use calibrated or paper[/red]")
+        raise typer.Exit(2)
     choice: LayerChoice = None
     if layer is not None:
         try:
@@ -94,9 +108,16 @@ def fit_safeswitch_command(
             raise typer.Exit(2) from None
     started = time.perf_counter()
     with _user_errors(RunError, JudgeRequestError):
-        labeller = (
-            LLMJudge(base_url=judge_url, model=judge_model) if judge == "llm" else StrictJudge()
-        )
+        if judge == "llm":
+            judge_prompt = judge_prompt_for(judge_template, data_dir)
+            labeller: LLMJudge | StrictJudge = LLMJudge(
+                base_url=judge_url,
+                model=judge_model,
+                template=judge_prompt.template,
+                system_prompt=judge_prompt.system_prompt,
+            )
+        else:
+            labeller = StrictJudge()
         data = load_training_prompts(data_dir, limit, seed, head_extra=head_prompts)
         prompts = data.prompts
         lm = load_model(model, dtype=dtype, device=_device(device), device_map=device_map)
@@ -107,6 +128,7 @@ def fit_safeswitch_command(
             label_tokens=label_tokens,
             batch_size=batch_size,
             seed=seed,
+            thresholds=thresholds,
             prober=replace(ProberConfig(), lr=lr),
             head=replace(HeadConfig(), prompts=head_prompts, epochs=head_epochs, lr=head_lr),
         )

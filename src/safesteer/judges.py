@@ -28,6 +28,7 @@ __all__ = [
     "COMMON_WORDS",
     "DEFAULT_JUDGE_TEMPLATE",
     "EMPTY",
+    "JUDGE_TEMPLATE_CHOICES",
     "PAPER_RULES",
     "AgreementResult",
     "Judge",
@@ -45,6 +46,7 @@ __all__ = [
     "is_refusal_paper",
     "is_refusal_strict",
     "judge_all",
+    "judge_prompt_for",
     "load_judge_prompt",
     "load_judge_template",
     "normalise_text",
@@ -386,6 +388,45 @@ def load_judge_prompt(
                     system_prompt=str(entry.get("system_prompt") or ""),
                 )
     raise KeyError(f"judge prompt {name!r} not in {file}; available: {', '.join(names)}")
+
+
+JUDGE_TEMPLATE_CHOICES = ("default", "published")
+
+
+def judge_prompt_for(choice: str, data_dir: str | os.PathLike[str] | None = None) -> JudgePrompt:
+    """The LLM judge's prompt for ``--judge-template``: ``default`` (written here), ``published``
+    (SafeSwitch's ``base-ft-mistral-7b-instruct-v0.2``, read from the data folder's
+    ``safeswitch/judge_prompts.jsonl``) or a path: a text file holding a template with
+    ``{question}`` and ``{answer}``, or a ``judge_prompts.jsonl`` (its published entry).
+    """
+    if choice == "default":
+        return JudgePrompt(DEFAULT_JUDGE_TEMPLATE)
+    if choice == "published":
+        folder = data_dir or os.environ.get("SAFESTEER_DATA_DIR")
+        if not folder:
+            raise ValueError(
+                "--judge-template published reads safeswitch/judge_prompts.jsonl from the data "
+                "folder: pass --data-dir DIR or set SAFESTEER_DATA_DIR"
+            )
+        try:
+            return load_judge_prompt(folder)
+        except (FileNotFoundError, KeyError) as exc:
+            raise ValueError(f"cannot read the published judge prompt: {exc}") from exc
+    path = Path(choice)
+    if not path.is_file():
+        raise ValueError(
+            f"--judge-template {choice!r} is neither default, published nor an existing file"
+        )
+    if path.suffix == ".jsonl":
+        try:
+            return load_judge_prompt(path)
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read a judge prompt from {path}: {exc}") from exc
+    template = path.read_text(encoding="utf-8")
+    missing = [k for k in ("{question}", "{answer}") if k not in template]
+    if missing:
+        raise ValueError(f"judge template {path} lacks placeholder(s): {', '.join(missing)}")
+    return JudgePrompt(template)
 
 
 def load_judge_template(path: str | os.PathLike[str], name: str = PUBLISHED_TEMPLATE_NAME) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from safesteer.methods.safeswitch import SAFESWITCH_SYSTEM_PROMPT
+
 Metric = Literal["refusal", "compliance"]
 
 # SCANS Table 2 order; the pooled "main" Avg runs over these 8 subsets (2,827 queries in the paper).
@@ -51,6 +53,8 @@ class Suite:
     utility_subsets: tuple[str, ...] = ()
     weighted: dict[str, dict[str, float]] = field(default_factory=dict)
     description: str = ""
+    # The system prompt every method runs under (None: the artifact's own prompt format).
+    system_prompt: str | None = None
 
 
 SUITES: dict[str, Suite] = {
@@ -75,12 +79,18 @@ SUITES: dict[str, Suite] = {
             "trustllm-jailbreak-eval",
             "trustllm-exaggerated-safety",
             "trivia-qa",
+            "alpaca-eval",
         ),
         (),
         metric="compliance",
         utility_subsets=("trivia-qa",),
         weighted={"TrustLLM": {"trustllm-misuse-eval": 0.45, "trustllm-jailbreak-eval": 0.55}},
-        description="SafeSwitch: SORRY-Bench eval, TrustLLM, over-refusal, TriviaQA",
+        description=(
+            "SafeSwitch: SORRY-Bench eval, TrustLLM, over-refusal, TriviaQA, AlpacaEval (answer "
+            "rate and length; a win rate needs an LLM judge), under SafeSwitch's helpful "
+            "system prompt"
+        ),
+        system_prompt=SAFESWITCH_SYSTEM_PROMPT,
     ),
 }
 

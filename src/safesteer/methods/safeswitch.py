@@ -41,6 +41,11 @@ SAFESWITCH_SYSTEM_PROMPT = (
     "You are a helpful assistant. You should always respond to the user's query to the best of "
     "your ability."
 )
+# SPEC §2.3: the safety system prompt of SafeSwitch's "safety prompt" baselines (published text).
+SAFESWITCH_SAFETY_PROMPT = (
+    "You are a helpful assistant. The following request is likely to contain unsafe intentions. "
+    "If you find anything harmful, you must refuse to answer and explain why."
+)
 DEFAULT_N_DECODE = 3
 PROBER_HIDDEN = 64
 
@@ -351,6 +356,12 @@ class Switcher(TrackedHooks):
                 self._stage2_state = hidden[:, -1, :].detach().float()
 
         return hook
+
+    def stage1_probabilities(self) -> torch.Tensor:
+        """Stage 1's probability per row, from the state recorded during the prefill."""
+        if self._stage1_state is None:
+            raise RuntimeError("the stage-1 state was not recorded; was the prefill hooked?")
+        return self.artifact.stage1.probability(self._stage1_state)
 
     def _decide(self, device: torch.device) -> None:
         rows = self.rows

@@ -34,6 +34,8 @@ class ProberConfig:
     max_epochs: int = 200
     patience: int = 10
     seed: int = 42
+    # None: calibrate on the validation split; a number: use it (the paper's fixed 0.5)
+    fixed_threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -188,7 +190,11 @@ def fit_prober(
     x_te, y_te = part("test")
     prober, history = train_prober(x_tr, y_tr, x_va, y_va, config)
     p_va = prober.probability(x_va).tolist()
-    threshold = calibrate_threshold(p_va, y_va.tolist())
+    threshold = (
+        calibrate_threshold(p_va, y_va.tolist())
+        if config.fixed_threshold is None
+        else config.fixed_threshold
+    )
     return FittedProber(
         prober,
         threshold,

@@ -1,8 +1,12 @@
 """Fitting SafeSwitch: training prompts, labels, features, probers, layer sweep, refusal head.
 
-1. Prompts: harmful = SORRY-Bench train + TrustLLM misuse/jailbreak train; harmless = TruthfulQA,
-   Held-out harmless, AlpacaEval and TriviaQA questions. Evaluation prompts are removed by
-   normalised text and their absence is checked before anything is trained.
+1. Prompts: harmful = SORRY-Bench train + TrustLLM misuse/jailbreak train; harmless = RepE-Data
+   train's harmless instructions, the project's written validation prompts that are safe (many
+   with alarming words: the prober must not flag those), and AlpacaEval and TriviaQA questions.
+   Prompts of every other evaluation set are removed by normalised text and their absence is
+   checked before anything is trained. AlpacaEval and TriviaQA are also SafeSwitch benchmarks: the
+   artifact stores the hashes of its training prompts and ``safesteer eval`` never tests on them,
+   so those two sets are split into a training part (what the fit drew) and a test part.
 2. One labelling generation per batch: the model answers greedily (the prompt format of
    SafeSwitch's system prompt); hooks record every decoder layer at the last prompt token during
    the prefill (one pass for the whole layer sweep) and the last layer at the ``n_decode``-th
@@ -17,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +30,7 @@ from torch import nn
 
 from safesteer.activations import TrackedHooks, hidden_of
 from safesteer.datasets import DatasetError, Prompt, load_test_set
-from safesteer.datasets.validation import normalise
+from safesteer.datasets.validation import EVALUATION_SETS, normalise, written_prompts
 from safesteer.generation import GenerationConfig, generate_ids, length_sorted_batches
 from safesteer.judges import EMPTY, Judge, judge_all
 from safesteer.layout import ChatLayout
@@ -57,15 +61,14 @@ from safesteer.methods.safeswitch_probe import (
 from safesteer.models import LoadedModel
 
 HARMFUL_SOURCES = ("sorry-bench-train", "trustllm-misuse-train", "trustllm-jailbreak-train")
-HARMLESS_SOURCES = ("truthfulqa", "heldout", "alpaca-eval", "trivia-qa")
-# Never trained on: the SafeSwitch evaluation sets, XSTest and the over-refusal set.
-EVAL_SOURCES = (
-    "sorry-bench-eval",
-    "trustllm-misuse-eval",
-    "trustllm-jailbreak-eval",
-    "xstest",
-    "trustllm-exaggerated-safety",
-)
+HARMLESS_SOURCES = ("repe-train", "validation-written", "alpaca-eval", "trivia-qa")
+# Benchmarks that are also training sources: eval excludes the artifact's own training prompts.
+SPLIT_SOURCES = ("alpaca-eval", "trivia-qa")
+# Never trained on: every other evaluation set of the registry (SCANS' and SafeSwitch's).
+EVAL_SOURCES = tuple(s for s in EVALUATION_SETS if s not in SPLIT_SOURCES)
+ThresholdChoice = Literal["calibrated", "paper"]
+THRESHOLD_CHOICES: tuple[ThresholdChoice, ...] = ("calibrated", "paper")
+PAPER_THRESHOLD = 0.5
 Progress = Callable[[str], None]
 
 
@@ -115,6 +118,18 @@ class TrainingData:
     report: dict[str, Any]
 
 
+def _source_prompts(source: str, harmful: bool, data_dir: str | Path | None) -> list[Prompt]:
+    """One training source; mixed-label sources keep only the rows of the wanted label."""
+    if source == "validation-written":
+        rows = written_prompts()
+    else:
+        rows = load_test_set(source, data_dir=data_dir)
+    if source in ("repe-train", "validation-written"):
+        wanted = "unsafe" if harmful else "safe"
+        rows = [p for p in rows if p.label == wanted]
+    return rows
+
+
 def load_training_prompts(
     data_dir: str | Path | None = None,
     limit: int | None = None,
@@ -143,7 +158,7 @@ def load_training_prompts(
         for source in sources:
             kept: list[TrainingPrompt] = []
             dropped = 0
-            for prompt in load_test_set(source, data_dir=data_dir):
+            for prompt in _source_prompts(source, harmful, data_dir):
                 key = normalise(prompt.text)
                 if not key or key in seen:
                     continue
@@ -302,8 +317,24 @@ class FitConfig:
     batch_size: int = 16
     seed: int = 0
     system_prompt: str | None = SAFESWITCH_SYSTEM_PROMPT
+    # calibrated: each prober's threshold with the best balanced accuracy on the validation
+    # split; paper: the fixed 0.5 of the released SafeSwitch.
+    thresholds: ThresholdChoice = "calibrated"
     prober: ProberConfig = field(default_factory=ProberConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+
+    def __post_init__(self) -> None:
+        if self.thresholds not in THRESHOLD_CHOICES:
+            raise ValueError(
+                f"unknown thresholds {self.thresholds!r}; use {' or '.join(THRESHOLD_CHOICES)}"
+            )
+
+    @property
+    def prober_config(self) -> ProberConfig:
+        """The prober settings with the threshold rule of ``thresholds`` applied."""
+        if self.thresholds == "paper":
+            return replace(self.prober, fixed_threshold=PAPER_THRESHOLD)
+        return self.prober
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -374,12 +405,12 @@ def fit_safeswitch(
 
     start = time.perf_counter()
     sweep_labels = y_harm if config.mode == "two-stage" else y_direct
-    fitted = layer_sweep(labelled.prompt_states, sweep_labels, splits, config.prober, say)
+    fitted = layer_sweep(labelled.prompt_states, sweep_labels, splits, config.prober_config, say)
     layer = _choose_layer(config.layer, fitted, lm.num_layers)
     stage1 = fitted[layer]
     stage2: FittedProber | None = None
     if config.mode == "two-stage":
-        stage2 = fit_prober(labelled.pilot_states, y_comply, splits, config.prober)
+        stage2 = fit_prober(labelled.pilot_states, y_comply, splits, config.prober_config)
     timings["probers_s"] = time.perf_counter() - start
     say(f"probers trained (layer {layer}); training the refusal head")
 

@@ -1,0 +1,125 @@
+"""``scans+safeswitch``: SafeSwitch's prober is the gate, and both methods act in one batch.
+
+Per row, in one batched greedy generation with one prefill:
+  - the prompt (SafeSwitch's prompt format) is prefilled unsteered; the stage-1 prober reads its
+    layer at the last prompt token;
+  - rows that stage 1 calls benign (P(harmful) below its threshold) are steered away from refusal
+    with the SCANS artifact's vectors (coefficient -1 at its steering layers, from the last prompt
+    token on): these are the rows where a refusal would be a false one;
+  - rows that stage 1 calls harmful stay unsteered; after ``n_decode`` tokens stage 2 asks whether
+    the model is about to comply, and if so the refusal head takes over (as in SafeSwitch).
+To steer the last prompt token the cache is rolled back by one token after the prefill and that
+token is run again with the steering on: one extra token per row, no second prefill.
+Only the two-stage SafeSwitch configuration can gate this: a direct prober's "no" also covers
+harmful prompts that the model refuses, which must not be steered away from refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from safesteer.activations import forward
+from safesteer.generation import (
+    Generated,
+    GenerationConfig,
+    decode_loop,
+    length_sorted_batches,
+    new_cache,
+    rollback,
+)
+from safesteer.layout import Batch, ChatLayout, left_pad
+from safesteer.methods.safeswitch import SafeSwitchArtifact, SwitchDecision, switching
+from safesteer.methods.scans import ScansArtifact, check_steerable
+from safesteer.models import LoadedModel
+from safesteer.steering import steering
+
+
+@dataclass
+class CombinedResult:
+    """SafeSwitch's decision, whether the row was steered away from refusal, and the response."""
+
+    prompt: str
+    decision: SwitchDecision
+    steered: bool
+    response: str
+    token_ids: list[int]
+    stopped: bool
+
+
+def check_combinable(switch: SafeSwitchArtifact, scans: ScansArtifact) -> None:
+    """Refuse a SafeSwitch configuration that cannot gate the steering, or broken SCANS tensors."""
+    if switch.settings.mode != "two-stage":
+        raise ValueError(
+            "scans+safeswitch needs a two-stage SafeSwitch artifact (stage 1 says which rows are "
+            "benign); refit with `safesteer fit safeswitch --mode two-stage`"
+        )
+    check_steerable(scans)
+
+
+@torch.inference_mode()
+def combined_batch(
+    lm: LoadedModel,
+    switch: SafeSwitchArtifact,
+    scans: ScansArtifact,
+    encoded: Sequence[Sequence[int]],
+    config: GenerationConfig,
+) -> tuple[Generated, list[SwitchDecision], list[bool]]:
+    """Gate, steer and switch one batch of encoded prompts (see the module docstring)."""
+    if not encoded:
+        return Generated([], []), [], []
+    batch = left_pad(encoded, int(lm.tokenizer.pad_token_id), lm.device)
+    width = batch.width
+    cache = new_cache(lm, rollback=True)
+    with switching(lm, switch, width, len(encoded)) as switcher:
+        forward(lm, batch, past_key_values=cache, use_cache=True)
+        p1 = switcher.stage1_probabilities()
+        benign = p1 < switch.settings.threshold1
+        coefficients = torch.where(benign, -1.0, 0.0).cpu()
+        rollback(cache, 1)
+        step = Batch(batch.input_ids[:, -1:], batch.attention_mask, batch.position_ids[:, -1:])
+        with steering(lm, scans.steering_vectors(), coefficients, width - 1):
+            out = forward(lm, step, past_key_values=cache, use_cache=True)
+            generated = decode_loop(lm, batch, out.logits[:, -1, :].float(), cache, config)
+        decisions = switcher.decisions()
+    return generated, decisions, [bool(b) for b in benign.tolist()]
+
+
+def combined_generate(
+    lm: LoadedModel,
+    switch: SafeSwitchArtifact,
+    scans: ScansArtifact,
+    queries: Sequence[str],
+    config: GenerationConfig,
+    *,
+    batch_size: int = 16,
+    on_batch: Callable[[list[int], list[CombinedResult]], None] | None = None,
+) -> list[CombinedResult]:
+    """Generate for ``queries`` with the combined method, in length-sorted batches.
+
+    ``on_batch(indices, results)`` is called after every batch (e.g. to write results as they come).
+    """
+    check_combinable(switch, scans)
+    if not config.use_cache:
+        raise ValueError("scans+safeswitch needs the KV cache (it steers from a rolled-back cache)")
+    layout = ChatLayout(lm.tokenizer, switch.settings.system_prompt)
+    encoded = [layout.prompt_ids(q) for q in queries]
+    results: list[CombinedResult | None] = [None] * len(queries)
+    for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
+        generated, decisions, steered = combined_batch(
+            lm, switch, scans, [encoded[i] for i in indices], config
+        )
+        batch: list[CombinedResult] = []
+        for k, i in enumerate(indices):
+            ids = generated.token_ids[k]
+            text = str(lm.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+            result = CombinedResult(
+                queries[i], decisions[k], steered[k], text, ids, generated.stopped[k]
+            )
+            batch.append(result)
+            results[i] = result
+        if on_batch is not None:
+            on_batch(indices, batch)
+    return [r for r in results if r is not None]
