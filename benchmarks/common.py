@@ -307,9 +307,9 @@ def fixed_length() -> Iterator[None]:
     """Make the library's decode loop ignore stop tokens, so every run decodes the same count.
 
     Steering changes which tokens come out; without this, runs that hit end-of-turn early would
-    look faster. Patches ``safesteer.generation.stop_token_ids`` (looked up at call time).
+    look faster. Patches ``safesteer.core.generation.stop_token_ids`` (looked up at call time).
     """
-    from safesteer import generation
+    from safesteer.core import generation
 
     original = generation.stop_token_ids
     generation.stop_token_ids = lambda lm: [-1]  # type: ignore[assignment]
@@ -543,7 +543,7 @@ def fit_artifact(lm: Any, anchors_per_side: int, seed: int) -> Any:
     """A SCANS artifact fitted on ``anchors_per_side`` harmful and benign anchors (default
     settings: depth-scaled layers, relative alpha, calibrated threshold)."""
     from safesteer.datasets import draw_anchors
-    from safesteer.methods.scans import default_settings, fit_scans
+    from safesteer.methods.scans.method import default_settings, fit_scans
 
     anchors = draw_anchors(anchors_per_side, seed)
     return fit_scans(

@@ -52,8 +52,8 @@ NAME = "decode_overhead"
 
 def steering_setup(lm: Any, prompts: list[list[int]], seed: int) -> tuple[dict[int, Any], Any]:
     """Random unit vectors on the SCANS steering layers, scaled as a relative-alpha artifact."""
-    from safesteer.activations import capture
-    from safesteer.methods.scans import default_settings
+    from safesteer.core.activations import capture
+    from safesteer.methods.scans.method import default_settings
 
     settings = default_settings(lm.num_layers)
     layers = list(settings.steer_layers)
@@ -73,8 +73,8 @@ def hook_microbenchmark(lm: Any, vectors: dict[int, Any], rows: int, iters: int)
     A model of ``num_layers`` identity layers called like a decode step (``[rows, 1, hidden]``),
     timed without hooks and with a real ``Steerer`` (tracker pre-hook + a hook per steering layer).
     """
-    from safesteer.models import LoadedModel
-    from safesteer.steering import steering
+    from safesteer.core.handle import LoadedModel
+    from safesteer.core.steering import steering
 
     class Identity(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +149,10 @@ def paired_steps(
     (plain, steered, plain_b / plain_b, steered, plain), so adjacent forwards see the same machine
     load and their ratios resolve differences far below the run-to-run drift.
     """
-    from safesteer.activations import forward
-    from safesteer.generation import new_cache
-    from safesteer.layout import Batch, left_pad
-    from safesteer.steering import Steerer
+    from safesteer.core.activations import forward
+    from safesteer.core.generation import new_cache
+    from safesteer.core.layout import Batch, left_pad
+    from safesteer.core.steering import Steerer
 
     batch = left_pad(encoded, int(lm.tokenizer.pad_token_id), lm.device)
     start = batch.width - 1
@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     paired = args.paired_steps or (16 if args.quick else 64)
 
-    from safesteer.generation import GenerationConfig, generate_ids
-    from safesteer.layout import ChatLayout, left_pad
-    from safesteer.steering import steering
+    from safesteer.core.generation import GenerationConfig, generate_ids
+    from safesteer.core.layout import ChatLayout, left_pad
+    from safesteer.core.steering import steering
 
     torch.manual_seed(args.seed)
     lm = load_lm(args.device)

@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = finish_args(parser.parse_args(argv))
     per_side = args.anchors or (16 if args.quick else 64)
 
-    from safesteer.activations import forward
+    from safesteer.core.activations import forward
+    from safesteer.core.layout import ChatLayout, left_pad
     from safesteer.datasets import draw_anchors
-    from safesteer.layout import ChatLayout, left_pad
-    from safesteer.methods.scans import default_settings, fit_scans
+    from safesteer.methods.scans.method import default_settings, fit_scans
 
     lm = load_lm(args.device)
     anchors = draw_anchors(per_side, args.seed)

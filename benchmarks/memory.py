@@ -64,9 +64,9 @@ def child(args: argparse.Namespace) -> None:
     """Run one workload and print its memory figures as one JSON line."""
     import torch
 
-    from safesteer.generation import GenerationConfig, generate_ids
-    from safesteer.layout import ChatLayout
-    from safesteer.methods.scans import ScansArtifact, scans_generate
+    from safesteer.core.generation import GenerationConfig, generate_ids
+    from safesteer.core.layout import ChatLayout
+    from safesteer.methods.scans.method import ScansArtifact, scans_generate
 
     start = memory_snapshot()
     lm = load_lm(args.device)

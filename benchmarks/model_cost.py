@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--new-tokens", type=int, default=32)
     args = finish_args(parser.parse_args(argv), quick_reps=1)
-    from safesteer.generation import GenerationConfig, generate_ids
-    from safesteer.layout import ChatLayout
+    from safesteer.core.generation import GenerationConfig, generate_ids
+    from safesteer.core.layout import ChatLayout
     from safesteer.models import load_model
 
     load = load_seconds(args.model)

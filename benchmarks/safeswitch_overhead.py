@@ -49,7 +49,7 @@ def timing_artifact(lm: Any, seed: int) -> Any:
     """A SafeSwitch artifact with random probers and head difference (timing only, see above)."""
     import torch
 
-    from safesteer.methods.safeswitch import (
+    from safesteer.methods.safeswitch.method import (
         Prober,
         SafeSwitchArtifact,
         SafeSwitchSettings,
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "it exists, else a random timing artifact)",
     )
     args = finish_args(parser.parse_args(argv))
-    from safesteer.generation import GenerationConfig, generate_ids
-    from safesteer.layout import ChatLayout
-    from safesteer.methods.safeswitch import SafeSwitchArtifact, switched_generate_ids
+    from safesteer.core.generation import GenerationConfig, generate_ids
+    from safesteer.core.layout import ChatLayout
+    from safesteer.methods.safeswitch.method import SafeSwitchArtifact, switched_generate_ids
 
     if args.artifact is not None and not (args.artifact / "manifest.json").exists():
         raise SystemExit(

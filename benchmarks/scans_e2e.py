@@ -77,11 +77,11 @@ def single_forward_fused(lm: Any, artifact: Any, queries: list[str], config: Any
     """
     import torch
 
-    from safesteer.activations import hidden_of, recording, with_hidden
-    from safesteer.generation import decode_loop, new_cache
-    from safesteer.layout import Batch, ChatLayout, left_pad
-    from safesteer.methods.scans import _decisions, policy_coefficients
-    from safesteer.steering import steering
+    from safesteer.core.activations import hidden_of, recording, with_hidden
+    from safesteer.core.generation import decode_loop, new_cache
+    from safesteer.core.layout import Batch, ChatLayout, left_pad
+    from safesteer.core.steering import steering
+    from safesteer.methods.scans.method import _decisions, policy_coefficients
 
     settings = artifact.settings
     layout = ChatLayout(lm.tokenizer, settings.system_prompt)
@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     anchors = args.anchors or (8 if args.quick else 32)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 
-    from safesteer.generation import GenerationConfig, decode_texts, generate_ids
-    from safesteer.layout import ChatLayout
-    from safesteer.methods.scans import scans_generate, scans_generate_two_pass
+    from safesteer.core.generation import GenerationConfig, decode_texts, generate_ids
+    from safesteer.core.layout import ChatLayout
+    from safesteer.methods.scans.method import scans_generate, scans_generate_two_pass
 
     lm = load_lm(args.device)
     artifact = fit_artifact(lm, anchors, args.seed)

@@ -44,7 +44,7 @@ class Outcome:
 
 def start_server(args: Any, port: int, key: str) -> subprocess.Popen[bytes]:
     """``safesteer serve`` in a subprocess; returns once /health answers (or raises)."""
-    cmd = [sys.executable, "-c", "from safesteer.cli import main; main()", "serve"]
+    cmd = [sys.executable, "-c", "from safesteer.cli.main import main; main()", "serve"]
     cmd += ["--port", str(port), "--served-model-name", "bench", "--method", args.method]
     cmd += ["--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     cmd += ["--max-tokens-limit", str(args.max_tokens), "--device", args.device]

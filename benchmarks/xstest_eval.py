@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if n_base is None:
         n_base = 0 if args.quick else 32
 
+    from safesteer.core.generation import GenerationConfig, generate_ids
+    from safesteer.core.layout import ChatLayout
+    from safesteer.core.steering import steering
     from safesteer.datasets import load_test_set, stratified_sample
-    from safesteer.generation import GenerationConfig, generate_ids
-    from safesteer.layout import ChatLayout
-    from safesteer.methods.scans import classify, scans_generate, signed
-    from safesteer.steering import steering
+    from safesteer.methods.scans.method import classify, scans_generate, signed
 
     lm = load_lm(args.device)
     artifact = fit_artifact(lm, anchors, args.seed)

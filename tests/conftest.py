@@ -34,7 +34,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from safesteer.models import LoadedModel, load_model, wrap_model
+from safesteer.core.handle import LoadedModel
+from safesteer.models import load_model, wrap_model
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -272,7 +273,7 @@ def tiny_models(tokenizer: PreTrainedTokenizerFast) -> dict[str, LoadedModel]:
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:
     """The embedded SmolLM2-135M-Instruct (float32, CPU); skip when it is not installed."""
-    from safesteer.models import ModelLoadError
+    from safesteer.core.errors import ModelLoadError
 
     try:
         return load_model()

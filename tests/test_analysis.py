@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from safesteer.analysis import LayerTokens, suggest_layers, vocabulary_projection
-from safesteer.methods.scans import ScansArtifact, default_settings
-from safesteer.models import LoadedModel
+from safesteer.core.handle import LoadedModel
+from safesteer.methods.scans.analysis import LayerTokens, suggest_layers, vocabulary_projection
+from safesteer.methods.scans.method import ScansArtifact, default_settings
 
 
 def _artifact(lm: LoadedModel, vectors: torch.Tensor) -> ScansArtifact:

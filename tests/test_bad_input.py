@@ -22,10 +22,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import BENIGN, HARMFUL, build_tiny, make_tokenizer
-from safesteer.artifacts import ArtifactError
-from safesteer.cli import app
-from safesteer.methods.scans import ScansSettings, fit_scans
-from safesteer.models import LoadedModel, load_model
+from safesteer.cli.main import app
+from safesteer.core.handle import LoadedModel
+from safesteer.methods.artifacts import ArtifactError
+from safesteer.methods.scans.method import ScansSettings, fit_scans
+from safesteer.models import load_model
 
 
 @dataclass
@@ -430,7 +431,7 @@ def test_at_least_forty_kinds() -> None:
 
 def test_library_refuses_bad_values_before_loading(tmp_path: Path) -> None:
     from safesteer.evaluation.evaluate import EvalOptions, evaluate
-    from safesteer.runner import RunError, RunOptions, run
+    from safesteer.evaluation.runner import RunError, RunOptions, run
 
     with pytest.raises(RunError, match="--batch-size"):
         run(RunOptions(batch_size=0, output_dir=str(tmp_path / "r")))
@@ -440,8 +441,8 @@ def test_library_refuses_bad_values_before_loading(tmp_path: Path) -> None:
 
 
 def test_library_refuses_non_finite_steering(tiny_models: dict[str, LoadedModel]) -> None:
-    from safesteer.generation import GenerationConfig
-    from safesteer.methods.scans import scans_generate
+    from safesteer.core.generation import GenerationConfig
+    from safesteer.methods.scans.method import scans_generate
 
     lm = tiny_models["llama"]
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2, 3), None)

@@ -53,8 +53,8 @@ def test_safeswitch_timing_artifact_runs_without_a_fitted_one(
 ) -> None:
     from benchmarks.safeswitch_overhead import timing_artifact
 
-    from safesteer.generation import GenerationConfig
-    from safesteer.methods.safeswitch import SafeSwitchArtifact, switched_generate_ids
+    from safesteer.core.generation import GenerationConfig
+    from safesteer.methods.safeswitch.method import SafeSwitchArtifact, switched_generate_ids
 
     lm = build_tiny("llama", tokenizer, seed=0)
     artifact = timing_artifact(lm, seed=0)
@@ -72,9 +72,9 @@ def test_scans_e2e_prompt_phase_matches_the_library(tokenizer: PreTrainedTokeniz
     from benchmarks.scans_e2e import N_PREFILL, check_prompt_phase, single_forward_fused
 
     from conftest import BENIGN, HARMFUL
-    from safesteer.generation import GenerationConfig, generate_ids
-    from safesteer.layout import ChatLayout
-    from safesteer.methods.scans import (
+    from safesteer.core.generation import GenerationConfig, generate_ids
+    from safesteer.core.layout import ChatLayout
+    from safesteer.methods.scans.method import (
         ScansSettings,
         fit_scans,
         scans_generate,
@@ -119,8 +119,8 @@ def test_single_forward_prototype_equals_the_library(
     from benchmarks.scans_e2e import single_forward_fused
 
     from conftest import BENIGN, HARMFUL
-    from safesteer.generation import GenerationConfig
-    from safesteer.methods.scans import ScansSettings, classify, fit_scans, scans_generate
+    from safesteer.core.generation import GenerationConfig
+    from safesteer.methods.scans.method import ScansSettings, classify, fit_scans, scans_generate
 
     lm = build_tiny(arch, tokenizer)
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2), None)
@@ -142,9 +142,9 @@ def test_real_tokens_of_the_single_forward_mask(tokenizer: PreTrainedTokenizerFa
     from benchmarks.scans_e2e import single_forward_fused
 
     from conftest import BENIGN, HARMFUL
-    from safesteer.generation import GenerationConfig
-    from safesteer.layout import ChatLayout
-    from safesteer.methods.scans import ScansSettings, fit_scans
+    from safesteer.core.generation import GenerationConfig
+    from safesteer.core.layout import ChatLayout
+    from safesteer.methods.scans.method import ScansSettings, fit_scans
 
     lm = build_tiny("llama", tokenizer)
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2), 0.0)

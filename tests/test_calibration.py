@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from conftest import BENIGN, HARMFUL
-from safesteer.activations import capture
+from safesteer.core.activations import capture
+from safesteer.core.generation import GenerationConfig, generate_ids
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
+from safesteer.core.steering import steering
 from safesteer.datasets import DatasetError, load_test_set
 from safesteer.datasets.validation import (
     assert_disjoint,
@@ -19,9 +23,17 @@ from safesteer.datasets.validation import (
     validation_set,
     written_prompts,
 )
-from safesteer.generation import GenerationConfig, generate_ids
-from safesteer.layout import ChatLayout
-from safesteer.methods.scans import (
+from safesteer.methods.scans.calibrate import (
+    choose_threshold,
+    outcome_rates,
+    pareto_table,
+    policy_outcomes,
+    refusal_direction,
+    reply_logprobs,
+    windows,
+)
+from safesteer.methods.scans.gate import ProbeGate, fit_probe, out_of_fold
+from safesteer.methods.scans.method import (
     ScansArtifact,
     away_only,
     classify,
@@ -32,18 +44,6 @@ from safesteer.methods.scans import (
     scans_generate_two_pass,
     signed,
 )
-from safesteer.methods.scans_calibrate import (
-    choose_threshold,
-    outcome_rates,
-    pareto_table,
-    policy_outcomes,
-    refusal_direction,
-    reply_logprobs,
-    windows,
-)
-from safesteer.methods.scans_gate import ProbeGate, fit_probe, out_of_fold
-from safesteer.models import LoadedModel
-from safesteer.steering import steering
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 
@@ -320,8 +320,8 @@ def test_leak_check_catches_a_planted_test_prompt(shared_data: Path) -> None:
 
 
 def test_recipe_selection() -> None:
-    from safesteer.methods.calibrated import CALIBRATED_DIR
-    from safesteer.runner import RunError, RunOptions, calibrated_for
+    from safesteer.evaluation.runner import RunError, RunOptions, calibrated_for
+    from safesteer.methods.scans.calibrated import CALIBRATED_DIR
 
     qwen = RunOptions(model="qwen2.5-coder-0.5b")
     assert calibrated_for(qwen) == CALIBRATED_DIR / "qwen2.5-coder-0.5b"
@@ -341,8 +341,8 @@ def test_recipe_selection() -> None:
 def test_shipped_artifact_is_calibrated_and_refuses_another_model(
     tiny_models: dict[str, LoadedModel],
 ) -> None:
-    from safesteer.artifacts import ArtifactError
-    from safesteer.methods.calibrated import CALIBRATED_DIR
+    from safesteer.methods.artifacts import ArtifactError
+    from safesteer.methods.scans.calibrated import CALIBRATED_DIR
 
     folder = CALIBRATED_DIR / "qwen2.5-coder-0.5b"
     artifact = ScansArtifact.load(folder)

@@ -18,6 +18,8 @@ from rouge_score import rouge_scorer
 from torch.nn import functional as F
 
 from conftest import BENIGN, CORPUS, HARMFUL, build_tiny
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
 from safesteer.datasets.registry import DatasetError, get_spec
 from safesteer.evaluation.capability import (
     Intervention,
@@ -33,9 +35,7 @@ from safesteer.evaluation.capability import (
     xsum,
     xsum_prompt,
 )
-from safesteer.layout import ChatLayout
-from safesteer.methods.scans import ScansSettings, classify, fit_scans
-from safesteer.models import LoadedModel
+from safesteer.methods.scans.method import ScansSettings, classify, fit_scans
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT = " ".join(CORPUS)

@@ -9,18 +9,25 @@ import pytest
 import torch
 
 from conftest import BENIGN, HARMFUL
+from safesteer.core.generation import GenerationConfig, generate_ids
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
 from safesteer.evaluation.evaluate import (
     BALANCED_SAFETY_PROMPT,
     PROMPT_METHODS,
     resolve_system_prompt,
     response_lengths,
 )
+from safesteer.evaluation.judges import (
+    DEFAULT_JUDGE_TEMPLATE,
+    PUBLISHED_TEMPLATE_NAME,
+    judge_prompt_for,
+)
+from safesteer.evaluation.runner import RunError
 from safesteer.evaluation.suites import get_suite
-from safesteer.generation import GenerationConfig, generate_ids
-from safesteer.judges import DEFAULT_JUDGE_TEMPLATE, PUBLISHED_TEMPLATE_NAME, judge_prompt_for
-from safesteer.layout import ChatLayout
 from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
-from safesteer.methods.safeswitch import (
+from safesteer.methods.safeswitch.baselines import prober_prompt_generate
+from safesteer.methods.safeswitch.method import (
     SAFESWITCH_SAFETY_PROMPT,
     SAFESWITCH_SYSTEM_PROMPT,
     Prober,
@@ -30,12 +37,9 @@ from safesteer.methods.safeswitch import (
     safeswitch_generate,
     switched_generate_ids,
 )
-from safesteer.methods.safeswitch_baselines import prober_prompt_generate
-from safesteer.methods.safeswitch_probe import fit_prober
-from safesteer.methods.safeswitch_train import FitConfig, ProberConfig
-from safesteer.methods.scans import ScansArtifact, ScansSettings, fit_scans, scans_generate
-from safesteer.models import LoadedModel
-from safesteer.runner import RunError
+from safesteer.methods.safeswitch.probe import fit_prober
+from safesteer.methods.safeswitch.train import FitConfig, ProberConfig
+from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans, scans_generate
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=8)
@@ -176,7 +180,7 @@ def test_judge_templates(
     published = judge_prompt_for("published", shared_data)
     assert "{question}" in published.template and "{answer}" in published.template
     assert published.template != DEFAULT_JUDGE_TEMPLATE
-    from safesteer.judges import load_judge_prompt
+    from safesteer.evaluation.judges import load_judge_prompt
 
     assert published == load_judge_prompt(shared_data, PUBLISHED_TEMPLATE_NAME)
     text = tmp_path / "judge.txt"

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from safesteer.cli_datasets import datasets_app
+from safesteer.cli.datasets import datasets_app
 from safesteer.datasets import (
     BUNDLED_DIR,
     DATA_DIR_ENV,

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.console import Console
 
-from safesteer.demo import changed_examples, demo_table
+from safesteer.evaluation.demo import changed_examples, demo_table
 
 
 def _row(method: str, i: int, label: str, refused: bool) -> dict[str, Any]:

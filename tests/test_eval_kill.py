@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 
 from conftest import build_tiny, make_tokenizer
+from safesteer.core.handle import LoadedModel
 from safesteer.evaluation.evaluate import EvalOptions, evaluate
-from safesteer.models import LoadedModel, load_model
+from safesteer.models import load_model
 
-CLI = "from safesteer.cli import main; main()"
+CLI = "from safesteer.cli.main import main; main()"
 
 
 def _args(model: str | None, out: Path, limit: int, tokens: int) -> list[str]:

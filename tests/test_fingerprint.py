@@ -14,8 +14,10 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from conftest import build_tiny, make_tokenizer
-from safesteer.artifacts import ArtifactError, check_model
-from safesteer.models import LoadedModel, fingerprint_mismatch, legacy_checksums, wrap_model
+from safesteer.core.fingerprint import fingerprint_mismatch, legacy_checksums
+from safesteer.core.handle import LoadedModel
+from safesteer.methods.artifacts import ArtifactError, check_model
+from safesteer.models import wrap_model
 
 
 def _copy(lm: LoadedModel, name: str, dtype: torch.dtype | None = None) -> LoadedModel:
@@ -120,7 +122,7 @@ def test_version_1_fingerprints_load_with_a_warning(
     base: LoadedModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     manifest = {"model_fingerprint": _legacy_fingerprint(base)}
-    with caplog.at_level(logging.WARNING, logger="safesteer.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="safesteer.methods.artifacts"):
         check_model(manifest, _copy(base, "tiny-base"), "OLD")
     assert "version-1 model fingerprint" in caplog.text and "Refit" in caplog.text
     other = build_tiny("llama", base.tokenizer, seed=5, name="tiny-other")  # type: ignore[arg-type]
@@ -135,7 +137,7 @@ def test_a_fingerprint_without_weights_or_checksums_is_refused(base: LoadedModel
 
 
 def _shipped_calibrated() -> list[Any]:
-    from safesteer.methods.calibrated import CALIBRATED_DIR
+    from safesteer.methods.scans.calibrated import CALIBRATED_DIR
 
     return sorted(p for p in CALIBRATED_DIR.iterdir() if (p / "manifest.json").is_file())
 
@@ -145,7 +147,7 @@ def _shipped_calibrated() -> list[Any]:
 def test_shipped_calibrated_fingerprints_are_loadable(folder: Any) -> None:
     """Shipped artifacts are version 2, or version 1 with checksums and the template hash (loaded
     with a warning: regenerating them needs the real model, see the calibrated package)."""
-    from safesteer.models.fingerprint import is_legacy
+    from safesteer.core.fingerprint import is_legacy
     from safesteer.models.sources import get_source, gguf_path
 
     fingerprint = json.loads((folder / "manifest.json").read_text())["model_fingerprint"]

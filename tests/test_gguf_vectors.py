@@ -13,17 +13,17 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from conftest import BENIGN, HARMFUL, build_tiny
-from safesteer.cli import app
-from safesteer.control_vectors import (
+from safesteer.cli.main import app
+from safesteer.core.generation import GenerationConfig
+from safesteer.core.handle import LoadedModel
+from safesteer.methods.scans.control_vectors import (
     ControlVectorError,
     from_scans,
     into_scans,
     read_gguf,
     write_gguf,
 )
-from safesteer.generation import GenerationConfig
-from safesteer.methods.scans import ScansArtifact, ScansSettings, fit_scans, scans_generate
-from safesteer.models import LoadedModel
+from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans, scans_generate
 
 
 @pytest.fixture(scope="module")

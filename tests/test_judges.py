@@ -1,4 +1,4 @@
-"""Tests for safesteer.judges: paper keyword rule, strict rule, LLM judge, agreement."""
+"""Tests for safesteer.evaluation.judges: paper keyword rule, strict rule, LLM judge, agreement."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from safesteer.judges import (
+from safesteer.evaluation.judges import (
     COMMON_WORDS,
     DEFAULT_JUDGE_TEMPLATE,
     EMPTY,
@@ -34,7 +34,7 @@ from safesteer.judges import (
     load_judge_template,
     parse_verdict,
 )
-from safesteer.metrics import pooled_avg, refusal_rates
+from safesteer.evaluation.metrics import pooled_avg, refusal_rates
 
 # --------------------------------------------------------------------------------------------
 # Paper keyword rule: every keyword and every exception, positive and negative

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
 from safesteer.evaluation.evaluate import EvalOptions, evaluate
-from safesteer.layout import ChatLayout
-from safesteer.models import LoadedModel
-from safesteer.runner import RunError, context_length, fit_prompt_lengths
+from safesteer.evaluation.runner import RunError, context_length, fit_prompt_lengths
 
 
 @pytest.fixture

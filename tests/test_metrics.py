@@ -1,4 +1,5 @@
-"""Tests for safesteer.metrics: refusal rates, pooled Avg, classifier metrics, bootstrap."""
+"""Tests for safesteer.evaluation.metrics: refusal rates, pooled Avg, classifier metrics and
+bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from safesteer.metrics import (
+from safesteer.evaluation.metrics import (
     avg_from_rates,
     bootstrap_ci,
     classifier_metrics,
@@ -194,7 +195,7 @@ def test_pooled_avg_ci() -> None:
 
 def test_run_summary_counts_empty_responses_apart() -> None:
     """`safesteer run`'s summary: empty responses are in no refusal rate and no Avg."""
-    from safesteer.runner import summarise
+    from safesteer.evaluation.runner import summarise
 
     def row(label: str, refused: object) -> dict[str, object]:
         return {

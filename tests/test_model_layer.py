@@ -8,9 +8,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 
 from conftest import ARCH_NAMES, BENIGN, HARMFUL, LAYERS_PATHS, build_tiny
-from safesteer.activations import forward
-from safesteer.layout import PLAIN_TEMPLATE, ChatLayout, EncodedPrompt, left_pad
-from safesteer.models import LoadedModel, ModelLoadError, find_decoder_layers, wrap_model
+from safesteer.core.activations import forward
+from safesteer.core.errors import ModelLoadError
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layers import find_decoder_layers
+from safesteer.core.layout import PLAIN_TEMPLATE, ChatLayout, EncodedPrompt, left_pad
+from safesteer.models import wrap_model
 
 # ---------------------------------------------------------------------------------------------
 # Decoder-layer discovery

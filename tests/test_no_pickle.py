@@ -15,12 +15,16 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from conftest import BENIGN, HARMFUL, build_tiny
-from safesteer.artifacts import MANIFEST, TENSORS, ArtifactError
-from safesteer.methods.calibrated import CALIBRATED_DIR
-from safesteer.methods.safeswitch import SafeSwitchArtifact, SafeSwitchSettings, head_checksum
-from safesteer.methods.safeswitch_probe import Prober
-from safesteer.methods.scans import ScansArtifact, ScansSettings, fit_scans
-from safesteer.models import LoadedModel
+from safesteer.core.handle import LoadedModel
+from safesteer.methods.artifacts import MANIFEST, TENSORS, ArtifactError
+from safesteer.methods.safeswitch.method import (
+    SafeSwitchArtifact,
+    SafeSwitchSettings,
+    head_checksum,
+)
+from safesteer.methods.safeswitch.probe import Prober
+from safesteer.methods.scans.calibrated import CALIBRATED_DIR
+from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans
 
 ROOT = Path(__file__).resolve().parent.parent
 # Calls that unpickle (torch.load without weights_only included) or write pickles.

@@ -9,9 +9,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from conftest import build_tiny
-from safesteer.layout import ChatLayout
-from safesteer.methods.refusal_bank import REFUSAL_TEMPLATES, render_refusal
-from safesteer.model_organism import (
+from safesteer.core.layout import ChatLayout
+from safesteer.datasets.refusals import REFUSAL_TEMPLATES, render_refusal
+from safesteer.models.organism.training import (
     ADAPTER_FILE,
     IGNORE_INDEX,
     ORGANISM_DIR,
@@ -90,7 +90,7 @@ def test_training_data_never_contains_evaluation_prompts(shared_data: Path) -> N
 @pytest.fixture(scope="module")
 def organism_training(shared_data: Path) -> set[str]:
     """Stripped prompts of the shipped organism's training data (its build defaults)."""
-    from safesteer.organism_build import BuildOptions
+    from safesteer.models.organism.build import BuildOptions
 
     options = BuildOptions()
     data = build_training_data(
@@ -185,8 +185,9 @@ def test_packaged_adapter_matches_its_note() -> None:
 
 @pytest.mark.slow
 def test_organism_loads_merged_and_differs_from_base() -> None:
-    from safesteer.artifacts import ArtifactError, check_model
-    from safesteer.models import EMBEDDED_ID, ModelLoadError, load_model
+    from safesteer.core.errors import ModelLoadError
+    from safesteer.methods.artifacts import ArtifactError, check_model
+    from safesteer.models import EMBEDDED_ID, load_model
 
     if not (ORGANISM_DIR / ADAPTER_FILE).is_file():
         pytest.skip("organism adapter not built")

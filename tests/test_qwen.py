@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from safesteer.generation import GenerationConfig
-from safesteer.layout import ChatLayout
-from safesteer.methods.scans import (
+from safesteer.core.generation import GenerationConfig
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
+from safesteer.methods.scans.method import (
     ScansArtifact,
     default_settings,
     fit_scans,
@@ -17,7 +18,7 @@ from safesteer.methods.scans import (
     scans_generate_two_pass,
     unsteered,
 )
-from safesteer.models import LoadedModel, load_model, require_source
+from safesteer.models import load_model, require_source
 from safesteer.models.sources import is_cached
 
 pytestmark = pytest.mark.slow

@@ -9,13 +9,9 @@ from typing import Any
 
 import pytest
 
-from safesteer.evaluation.report import (
-    PLOT_FILES,
-    ReportError,
-    render_table,
-    subset_order,
-    write_report,
-)
+from safesteer.evaluation.report import write_report
+from safesteer.evaluation.report.data import PLOT_FILES, ReportError, subset_order
+from safesteer.evaluation.report.text import render_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLS_LAYERS = [10, 11, 12, 13, 14]

@@ -14,12 +14,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import BENIGN, HARMFUL, build_tiny
-from safesteer.activations import capture
-from safesteer.artifacts import ArtifactError
-from safesteer.generation import GenerationConfig, generate_ids, stop_token_ids
-from safesteer.judges import is_refusal_strict
-from safesteer.layout import ChatLayout
-from safesteer.methods.refusal_bank import (
+from safesteer.core.activations import capture
+from safesteer.core.generation import GenerationConfig, generate_ids, stop_token_ids
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
+from safesteer.datasets.refusals import (
     GENERIC_HARM,
     REFUSAL_TEMPLATES,
     SORRY_BENCH_CATEGORIES,
@@ -27,15 +26,9 @@ from safesteer.methods.refusal_bank import (
     refusal_for,
     render_refusal,
 )
-from safesteer.methods.safeswitch import (
-    Prober,
-    SafeSwitchArtifact,
-    SafeSwitchSettings,
-    head_checksum,
-    safeswitch_generate,
-    switched_generate_ids,
-)
-from safesteer.methods.safeswitch_head import (
+from safesteer.evaluation.judges import is_refusal_strict
+from safesteer.methods.artifacts import ArtifactError
+from safesteer.methods.safeswitch.head import (
     IGNORE_INDEX,
     HeadConfig,
     build_head_example,
@@ -45,8 +38,16 @@ from safesteer.methods.safeswitch_head import (
     make_head_examples,
     train_refusal_head,
 )
-from safesteer.methods.safeswitch_probe import ProberConfig, calibrate_threshold, train_prober
-from safesteer.methods.safeswitch_train import (
+from safesteer.methods.safeswitch.method import (
+    Prober,
+    SafeSwitchArtifact,
+    SafeSwitchSettings,
+    head_checksum,
+    safeswitch_generate,
+    switched_generate_ids,
+)
+from safesteer.methods.safeswitch.probe import ProberConfig, calibrate_threshold, train_prober
+from safesteer.methods.safeswitch.train import (
     EVAL_SOURCES,
     HARMLESS_SOURCES,
     FitConfig,
@@ -57,7 +58,7 @@ from safesteer.methods.safeswitch_train import (
     normalise,
     split_rows,
 )
-from safesteer.models import LoadedModel, wrap_model
+from safesteer.models import wrap_model
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=10)
@@ -417,9 +418,9 @@ def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
 
 
 def test_chat_loop_and_eval_wiring(tiny_models: dict[str, LoadedModel]) -> None:
-    from safesteer.chat import chat_loop, describe_switch
+    from safesteer.cli.chat import chat_loop, describe_switch
     from safesteer.evaluation.evaluate import EvalOptions, MethodOutput, evaluate, run_method
-    from safesteer.runner import RunError
+    from safesteer.evaluation.runner import RunError
 
     lm = tiny_models["llama"]
     artifact = _mixed(lm)

@@ -15,10 +15,11 @@ from torch.nn import functional as F
 from transformers import PreTrainedTokenizerFast
 
 from conftest import ARCH_NAMES, BENIGN, HARMFUL, build_tiny
-from safesteer.artifacts import MANIFEST, TENSORS, ArtifactError
-from safesteer.generation import GenerationConfig
-from safesteer.layout import ChatLayout
-from safesteer.methods.scans import (
+from safesteer.core.generation import GenerationConfig
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
+from safesteer.methods.artifacts import MANIFEST, TENSORS, ArtifactError
+from safesteer.methods.scans.method import (
     PRESETS,
     ScansArtifact,
     ScansResult,
@@ -32,7 +33,7 @@ from safesteer.methods.scans import (
     scans_generate_two_pass,
     unsteered,
 )
-from safesteer.models import LoadedModel, wrap_model
+from safesteer.models import wrap_model
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 
@@ -248,7 +249,7 @@ def _sliding_window_model(tokenizer: PreTrainedTokenizerFast, window: int = 4) -
 def test_rollback_of_a_sliding_window_cache(tokenizer: PreTrainedTokenizerFast) -> None:
     from transformers.cache_utils import DynamicSlidingWindowLayer
 
-    from safesteer.generation import CacheRollbackError, new_cache, rollback
+    from safesteer.core.generation import CacheRollbackError, new_cache, rollback
 
     lm = _sliding_window_model(tokenizer)
     ids = torch.arange(10, 20)[None]

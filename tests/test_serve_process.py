@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from conftest import BENIGN, build_tiny
-from safesteer.cli import app
+from safesteer.cli.main import app
 from safesteer.serving.local import free_port, is_healthy
 
 HANG_GUARD_S = 180  # only against a hung test; nothing is timed
@@ -42,7 +42,7 @@ def test_sigterm_lets_in_flight_streams_finish(
     lm.tokenizer.save_pretrained(folder)
     port, key = free_port(), "k" * 16
     env = {**os.environ, "SAFESTEER_API_KEY": key, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-c", "from safesteer.cli import main; main()", "serve"]
+    args = [sys.executable, "-c", "from safesteer.cli.main import main; main()", "serve"]
     args += ["--model", str(folder), "--port", str(port), "--threads", "1"]
     args += ["--served-model-name", "tiny", "--max-tokens-limit", "200"]
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from conftest import ARCH_NAMES, BENIGN, HARMFUL
-from safesteer.activations import forward, hidden_of, recording, with_hidden
-from safesteer.generation import Generated, GenerationConfig, generate_ids
-from safesteer.layout import ChatLayout, left_pad
-from safesteer.models import LoadedModel, wrap_model
-from safesteer.steering import Steerer, steering
+from safesteer.core.activations import forward, hidden_of, recording, with_hidden
+from safesteer.core.generation import Generated, GenerationConfig, generate_ids
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout, left_pad
+from safesteer.core.steering import Steerer, steering
+from safesteer.models import wrap_model
 
 
 @dataclass

@@ -32,13 +32,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn import functional as F
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from safesteer.activations import forward
+from safesteer.core.activations import forward
+from safesteer.core.generation import GenerationConfig, generate_ids
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import Batch, ChatLayout, left_pad
+from safesteer.core.steering import steering
 from safesteer.datasets.registry import DatasetError, dataset_path
-from safesteer.generation import GenerationConfig, generate_ids
-from safesteer.layout import Batch, ChatLayout, left_pad
-from safesteer.methods.scans import ScansArtifact, classify
-from safesteer.models import LoadedModel
-from safesteer.steering import steering
+from safesteer.methods.scans.method import ScansArtifact, classify
 
 __all__ = [
     "MMLU_LETTERS",

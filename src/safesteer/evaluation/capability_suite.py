@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from safesteer.core.handle import LoadedModel
 from safesteer.evaluation.capability import (
     Intervention,
     mmlu,
@@ -23,8 +24,7 @@ from safesteer.evaluation.capability import (
     scans_intervention,
     xsum,
 )
-from safesteer.methods.scans import ScansArtifact
-from safesteer.models import LoadedModel
+from safesteer.methods.scans.method import ScansArtifact
 
 CAPABILITY_METHODS = ("default", "scans", "scans-safe", "random")
 DEFAULT_MMLU_SUBJECTS = (

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.evaluation.evaluate import read_rows
+from safesteer.evaluation.judges import EMPTY, Verdict
+from safesteer.evaluation.metrics import count_empty, pooled_avg, pooled_avg_ci, refusal_rate_ci
 from safesteer.evaluation.suites import SCANS_TABLE2
-from safesteer.judges import EMPTY, Verdict
-from safesteer.metrics import count_empty, pooled_avg, pooled_avg_ci, refusal_rate_ci
 
 
 def _judged(verdict: Verdict) -> bool:

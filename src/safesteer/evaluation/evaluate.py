@@ -20,6 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from safesteer import __version__
+from safesteer.core.generation import GenerationConfig, generate_batched
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
 from safesteer.datasets import Prompt, load_test_set, stratified_sample
 from safesteer.evaluation.capability_suite import (
     CAPABILITY_METHODS,
@@ -28,9 +31,7 @@ from safesteer.evaluation.capability_suite import (
     print_capability,
     run_capability,
 )
-from safesteer.evaluation.suites import Suite, answer_correct, benchmark_of, get_suite
-from safesteer.generation import GenerationConfig, generate_batched
-from safesteer.judges import (
+from safesteer.evaluation.judges import (
     EMPTY,
     Judge,
     LLMJudge,
@@ -40,24 +41,7 @@ from safesteer.judges import (
     judge_all,
     judge_prompt_for,
 )
-from safesteer.layout import ChatLayout
-from safesteer.methods.combined import check_combinable, combined_generate
-from safesteer.methods.safeswitch import (
-    SAFESWITCH_SAFETY_PROMPT,
-    SAFESWITCH_SYSTEM_PROMPT,
-    SafeSwitchArtifact,
-    safeswitch_generate,
-    sha256_text,
-)
-from safesteer.methods.safeswitch_baselines import prober_prompt_generate
-from safesteer.methods.scans import (
-    ScansArtifact,
-    ScansDecision,
-    policy_coefficients,
-    scans_generate,
-    unsteered,
-)
-from safesteer.metrics import (
+from safesteer.evaluation.metrics import (
     classifier_metrics,
     count_empty,
     pooled_avg,
@@ -65,8 +49,7 @@ from safesteer.metrics import (
     refusal_rate_ci,
     refusal_rates,
 )
-from safesteer.models import LoadedModel
-from safesteer.runner import (
+from safesteer.evaluation.runner import (
     RunError,
     RunOptions,
     check_options,
@@ -74,6 +57,23 @@ from safesteer.runner import (
     fit_prompt_lengths,
     keep_artifact,
     load_model_for,
+)
+from safesteer.evaluation.suites import Suite, answer_correct, benchmark_of, get_suite
+from safesteer.methods.combined import check_combinable, combined_generate
+from safesteer.methods.safeswitch.baselines import prober_prompt_generate
+from safesteer.methods.safeswitch.method import (
+    SAFESWITCH_SAFETY_PROMPT,
+    SAFESWITCH_SYSTEM_PROMPT,
+    SafeSwitchArtifact,
+    safeswitch_generate,
+    sha256_text,
+)
+from safesteer.methods.scans.method import (
+    ScansArtifact,
+    ScansDecision,
+    policy_coefficients,
+    scans_generate,
+    unsteered,
 )
 
 log = logging.getLogger(__name__)

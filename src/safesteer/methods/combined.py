@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from safesteer.activations import forward
-from safesteer.generation import (
+from safesteer.core.activations import forward
+from safesteer.core.generation import (
     Generated,
     GenerationConfig,
     decode_loop,
@@ -30,11 +30,11 @@ from safesteer.generation import (
     new_cache,
     rollback,
 )
-from safesteer.layout import Batch, ChatLayout, left_pad
-from safesteer.methods.safeswitch import SafeSwitchArtifact, SwitchDecision, switching
-from safesteer.methods.scans import ScansArtifact, check_steerable
-from safesteer.models import LoadedModel
-from safesteer.steering import steering
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import Batch, ChatLayout, left_pad
+from safesteer.core.steering import steering
+from safesteer.methods.safeswitch.method import SafeSwitchArtifact, SwitchDecision, switching
+from safesteer.methods.scans.method import ScansArtifact, check_steerable
 
 
 @dataclass

@@ -4,16 +4,17 @@ Everything that turns a model name or path into a :class:`LoadedModel` lives her
 safesteer only sees the handle.
 """
 
-from safesteer.models.fetch import FetchError, SplitWheelFile
-from safesteer.models.fingerprint import (
+from safesteer.core.errors import ModelLoadError
+from safesteer.core.fingerprint import (
     fingerprint_mismatch,
     legacy_checksums,
     model_fingerprint,
     weight_checksum,
     weight_hashes,
 )
-from safesteer.models.handle import LoadedModel, ModelLoadError
-from safesteer.models.layers import find_decoder_layers
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layers import find_decoder_layers
+from safesteer.models.fetch import FetchError, SplitWheelFile
 from safesteer.models.loading import load_model, wrap_model
 from safesteer.models.sources import (
     SOURCES,

@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from safesteer.models.handle import LoadedModel, ModelLoadError
-from safesteer.models.layers import find_decoder_layers
+from safesteer.core.errors import ModelLoadError
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layers import find_decoder_layers
 from safesteer.models.sources import (
     ModelSource,
     adapter_function,

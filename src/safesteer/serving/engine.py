@@ -34,17 +34,17 @@ from typing import Any
 
 import torch
 
-from safesteer.generation import GenerationConfig, StepCallback, generate_ids, stop_token_ids
-from safesteer.layout import ChatLayout
-from safesteer.methods.safeswitch import SafeSwitchArtifact, switching
-from safesteer.methods.scans import (
+from safesteer.core.generation import GenerationConfig, StepCallback, generate_ids, stop_token_ids
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
+from safesteer.methods.safeswitch.method import SafeSwitchArtifact, switching
+from safesteer.methods.scans.method import (
     ScansArtifact,
     ScansDecision,
     _fused_batch,
     check_steerable,
     policy_coefficients,
 )
-from safesteer.models import LoadedModel
 from safesteer.serving.protocol import Method
 
 log = logging.getLogger(__name__)

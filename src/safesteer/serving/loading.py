@@ -6,10 +6,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from safesteer.artifacts import MANIFEST, ArtifactError
-from safesteer.methods.safeswitch import SafeSwitchArtifact
-from safesteer.methods.scans import ScansArtifact
-from safesteer.models import LoadedModel
+from safesteer.core.handle import LoadedModel
+from safesteer.methods.artifacts import MANIFEST, ArtifactError
+from safesteer.methods.safeswitch.method import SafeSwitchArtifact
+from safesteer.methods.scans.method import ScansArtifact
 from safesteer.serving.protocol import Method
 
 

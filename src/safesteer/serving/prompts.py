@@ -1,7 +1,7 @@
 """Chat messages → prompt token ids, as the library encodes them, and the context check.
 
 A request of one user message (and optionally one system message) is encoded exactly like the
-library's :class:`~safesteer.layout.ChatLayout` (so served and library results agree); longer
+library's :class:`~safesteer.core.layout.ChatLayout` (so served and library results agree); longer
 conversations go through the tokenizer's chat template. A method's own system prompt (an
 artifact's ``system_prompt``, e.g. SafeSwitch's probing prompt) is used when the request brings
 none.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from safesteer.layout import ChatLayout
-from safesteer.models import LoadedModel
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import ChatLayout
 from safesteer.serving.protocol import Message
 
 

@@ -1,0 +1,104 @@
+"""`safesteer calibrate`: choose SCANS' direction, layers, alpha, gate, policy and threshold on the
+validation set, and write the calibrated artifact with its report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"cannot read {text!r}; write e.g. 0.05,0.1,0.15") from None
+    if not values or any(not (0 < v < 10) for v in values):
+        raise typer.BadParameter("alphas must be positive numbers below 10, e.g. 0.05,0.1")
+    return values
+
+
+def calibrate_command(
+    out: Annotated[Path, typer.Option(help="Artifact folder to write (calibrated recipe).")],
+    model: Annotated[
+        str | None, typer.Option(help="Model name, directory, .gguf or hub id.")
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where stages, calibration.json and the report go (default OUT/calibration)."
+        ),
+    ] = None,
+    alphas: Annotated[str, typer.Option(help="Relative alphas to try.")] = "0.05,0.1,0.2,0.3",
+    unsafe_budget: Annotated[
+        float, typer.Option(help="Largest drop of validation unsafe refusal allowed (points).")
+    ] = 2.0,
+    plain_budget: Annotated[
+        float, typer.Option(help="Largest rise of plain-prompt refusal allowed (points).")
+    ] = 2.0,
+    fluency_budget: Annotated[
+        float, typer.Option(help="Largest relative rise of plain-answer perplexity allowed.")
+    ] = 0.10,
+    gen_tokens: Annotated[int, typer.Option(help="Tokens per validation reply.")] = 24,
+    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 16,
+    data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
+) -> None:
+    """Calibrate SCANS on the validation set (never a test set); about 20 minutes for a 0.5B
+    model on 2 CPU cores. Stages are cached in the work folder, so a rerun continues."""
+    from safesteer.core.errors import ModelLoadError
+    from safesteer.datasets import DatasetError, draw_anchors
+    from safesteer.datasets.validation import validation_set
+    from safesteer.evaluation.calibration_report import write_calibration_report
+    from safesteer.methods.artifacts import ArtifactError
+    from safesteer.methods.scans.calibrate import CalibrationConfig, Calibrator, settings_summary
+    from safesteer.models import load_model
+
+    if batch_size < 1 or gen_tokens < 1:
+        err.print("[red]error:[/red] --batch-size and --gen-tokens must be at least 1")
+        raise typer.Exit(2)
+    config = CalibrationConfig(
+        alphas=_floats(alphas),
+        unsafe_budget=unsafe_budget,
+        plain_budget=plain_budget,
+        fluency_budget=fluency_budget,
+        gen_tokens=gen_tokens,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    folder = work_dir or out / "calibration"
+    started = time.perf_counter()
+    try:
+        validation = validation_set(data_dir, seed)
+        anchors = draw_anchors(anchor_size, seed, data_dir)
+        with err.status("Loading model"):
+            lm = load_model(model, dtype=dtype, device=device)
+        calibrator = Calibrator(
+            lm,
+            anchors.harmful,
+            anchors.benign,
+            validation,
+            folder,
+            config,
+            progress=lambda msg: err.print(
+                f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"
+            ),
+        )
+        artifact, calibration = calibrator.run()
+    except (ModelLoadError, DatasetError, ArtifactError, ValueError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    artifact.save(out)
+    from dataclasses import asdict
+
+    report = write_calibration_report(asdict(calibration), folder)
+    err.print(f"Wrote {out}: {settings_summary(artifact.settings)}")
+    err.print(f"Report: {report} ({time.perf_counter() - started:.0f} s)")

@@ -1,0 +1,261 @@
+"""``safesteer fit safeswitch``, ``safesteer chat`` and the SafeSwitch branch of ``generate``.
+
+Registered on the main app in :mod:`safesteer.cli.main`; shared helpers come from
+:mod:`safesteer.cli.common`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from safesteer.cli.common import resolve_device, user_errors
+
+err = Console(stderr=True)
+
+
+def fit_safeswitch_command(
+    out: Annotated[Path, typer.Option(help="Artifact folder to write.")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="HF directory, .gguf file or hub id; default: the embedded SmolLM2-135M."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Cap on training prompts (half harmful, half harmless) for a quick fit."),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="two-stage (default) or direct.")] = "two-stage",
+    layer: Annotated[
+        str | None,
+        typer.Option(help="Prober layer: an index (negative counts from the end) or best."),
+    ] = None,
+    judge: Annotated[
+        str, typer.Option(help="Comply labels: strict (keyword rule) or llm.")
+    ] = "strict",
+    judge_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible base URL for --judge llm (…/v1).")
+    ] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Model name for --judge llm.")] = None,
+    judge_template: Annotated[
+        str,
+        typer.Option(help="LLM judge prompt: default, published (SafeSwitch's) or a file (PATH)."),
+    ] = "default",
+    thresholds: Annotated[
+        str,
+        typer.Option(
+            help="Prober thresholds: calibrated (on the validation split) or paper (0.5)."
+        ),
+    ] = "calibrated",
+    n_decode: Annotated[int, typer.Option(help="Pilot tokens before stage 2 and the switch.")] = 3,
+    label_tokens: Annotated[int, typer.Option(help="Tokens of each answer the judge labels.")] = 48,
+    lr: Annotated[float, typer.Option(help="Prober learning rate (AdamW).")] = 1e-3,
+    head_prompts: Annotated[
+        int, typer.Option(help="Harmful prompts the refusal head is trained on.")
+    ] = 256,
+    head_epochs: Annotated[int, typer.Option(help="Refusal-head epochs.")] = 2,
+    head_lr: Annotated[float, typer.Option(help="Refusal-head learning rate.")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, splits and targets.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 16,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Folder with the SafeSwitch sets (or SAFESTEER_DATA_DIR).")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device_map: Annotated[
+        str | None, typer.Option(help="accelerate device map, e.g. auto (several GPUs).")
+    ] = None,
+) -> None:
+    """Fit SafeSwitch probers and refusal head; write DIR/manifest.json and a layer-sweep PNG."""
+    from dataclasses import replace
+
+    from safesteer.evaluation.judges import (
+        JudgeRequestError,
+        LLMJudge,
+        StrictJudge,
+        judge_prompt_for,
+    )
+    from safesteer.evaluation.runner import RunError
+    from safesteer.methods.safeswitch.head import HeadConfig
+    from safesteer.methods.safeswitch.method import MODES
+    from safesteer.methods.safeswitch.probe import ProberConfig, plot_sweep
+    from safesteer.methods.safeswitch.train import (
+        THRESHOLD_CHOICES,
+        FitConfig,
+        LayerChoice,
+        fit_safeswitch,
+        load_training_prompts,
+    )
+    from safesteer.models import load_model
+
+    if mode not in MODES:
+        err.print(f"[red]unknown mode {mode!r}; use two-stage or direct[/red]")
+        raise typer.Exit(2)
+    if judge not in ("strict", "llm"):
+        err.print(f"[red]unknown judge {judge!r}; use strict or llm[/red]")
+        raise typer.Exit(2)
+    if thresholds not in THRESHOLD_CHOICES:
+        err.print(f"[red]unknown --thresholds {thresholds!r}; use calibrated or paper[/red]")
+        raise typer.Exit(2)
+    choice: LayerChoice = None
+    if layer is not None:
+        try:
+            choice = "best" if layer == "best" else int(layer)
+        except ValueError:
+            err.print(f"[red]--layer must be an integer or best, not {layer!r}[/red]")
+            raise typer.Exit(2) from None
+    started = time.perf_counter()
+    with user_errors(RunError, JudgeRequestError):
+        if judge == "llm":
+            judge_prompt = judge_prompt_for(judge_template, data_dir)
+            labeller: LLMJudge | StrictJudge = LLMJudge(
+                base_url=judge_url,
+                model=judge_model,
+                template=judge_prompt.template,
+                system_prompt=judge_prompt.system_prompt,
+            )
+        else:
+            labeller = StrictJudge()
+        data = load_training_prompts(data_dir, limit, seed, head_extra=head_prompts)
+        prompts = data.prompts
+        lm = load_model(model, dtype=dtype, device=resolve_device(device), device_map=device_map)
+        config = FitConfig(
+            mode=mode,
+            layer=choice,
+            n_decode=n_decode,
+            label_tokens=label_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            thresholds=thresholds,
+            prober=replace(ProberConfig(), lr=lr),
+            head=replace(HeadConfig(), prompts=head_prompts, epochs=head_epochs, lr=head_lr),
+        )
+        n_harmful = sum(p.harmful for p in prompts)
+        err.print(
+            f"Fitting SafeSwitch ({mode}) on {n_harmful} harmful + {len(prompts) - n_harmful} "
+            f"harmless prompts with the {judge} judge"
+        )
+        with err.status("fitting") as status:
+            artifact = fit_safeswitch(
+                lm,
+                prompts,
+                labeller,
+                config,
+                head_extra=data.head_extra,
+                data_report=data.report,
+                progress=lambda message: status.update(message),
+            )
+        artifact.save(out)
+        label = artifact.report["sweep_label"]
+        png = plot_sweep(
+            artifact.report["sweep"], Path(out) / "layer_sweep.png", f"prober per layer: {label}"
+        )
+    _print_fit_summary(artifact.report, artifact.settings.to_json(), out, png)
+    err.print(f"total {time.perf_counter() - started:.0f} s")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_fit_summary(
+    report: dict[str, Any], settings: dict[str, Any], out: Path, png: Path
+) -> None:
+    s1 = report["stage1"]
+    err.print(
+        f"Wrote {out} ({settings['mode']}, layer {settings['layer']}, n_decode "
+        f"{settings['n_decode']}); sweep plot {png}"
+    )
+    err.print(
+        f"stage 1 ({report['sweep_label']}): threshold {s1['threshold']:.3f}, test accuracy "
+        f"{_fmt(s1['test']['accuracy'])}, F1 {_fmt(s1['test']['f1'])}, AUROC "
+        f"{_fmt(s1['test']['auroc'])}"
+    )
+    s2 = report.get("stage2")
+    if s2:
+        err.print(
+            f"stage 2 (complies): threshold {s2['threshold']:.3f}, test accuracy "
+            f"{_fmt(s2['test']['accuracy'])}, F1 {_fmt(s2['test']['f1'])}, AUROC "
+            f"{_fmt(s2['test']['auroc'])}"
+        )
+    head = report["head"]
+    err.print(
+        f"refusal head: {head['examples']} examples, {head['tokens']} tokens, loss "
+        f"{head['loss_before']:.3f} → {head['loss_after']:.3f} in {head['seconds']:.0f} s"
+    )
+    err.print("timings (s): " + json.dumps(report["timings_s"]))
+
+
+def generate_safeswitch(
+    prompts: Sequence[str],
+    model: str | None,
+    artifact: Path | None,
+    max_new_tokens: int,
+    repetition_penalty: float,
+    dtype: str,
+    device: str,
+    device_map: str | None,
+) -> None:
+    """``safesteer generate --method safeswitch``: responses with per-prompt decisions."""
+    from safesteer.cli.chat import describe_switch, load_safeswitch
+    from safesteer.core.generation import GenerationConfig
+    from safesteer.methods.safeswitch.method import safeswitch_generate
+    from safesteer.models import load_model
+
+    lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
+    switch = load_safeswitch(lm, artifact)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    results = safeswitch_generate(lm, switch, prompts, config)
+    console = Console()
+    for result in results:
+        console.rule(result.prompt[:80])
+        console.print(f"[dim]{describe_switch(result.decision)}[/dim]")
+        console.print(result.response, markup=False)
+
+
+def chat_command(
+    method: Annotated[str, typer.Option(help="none, scans or safeswitch.")] = "safeswitch",
+    artifact: Annotated[
+        Path | None,
+        typer.Option(help="Artifact of the method (SCANS: fitted now when omitted)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="HF directory, .gguf file or hub id; default: the embedded SmolLM2-135M."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per reply.")] = 128,
+    repetition_penalty: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed (SCANS anchors when fitting).")] = 0,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    device_map: Annotated[
+        str | None, typer.Option(help="accelerate device map, e.g. auto (several GPUs).")
+    ] = None,
+) -> None:
+    """Chat on stdin: one message per line, each answered with its decision; /quit or EOF ends."""
+    from safesteer.cli.chat import CHAT_METHODS, chat_loop, make_responder
+    from safesteer.core.generation import GenerationConfig
+    from safesteer.evaluation.runner import RunError
+    from safesteer.models import load_model
+
+    if method not in CHAT_METHODS:
+        err.print(f"[red]unknown method {method!r}; use {', '.join(CHAT_METHODS)}[/red]")
+        raise typer.Exit(2)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
+    with user_errors(RunError):
+        lm = load_model(model, dtype=dtype, device=resolve_device(device), device_map=device_map)
+        responder = make_responder(lm, method, artifact, config, seed=seed)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            err.print(f"safesteer chat ({method}); one message per line, /quit to leave")
+        chat_loop(responder, sys.stdin, sys.stdout, "> " if interactive else "")

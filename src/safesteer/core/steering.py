@@ -1,0 +1,82 @@
+"""Per-row activation steering with removable forward hooks.
+
+Each steered layer adds ``coefficient[row] * vector_l`` to its output at every column from
+``start_column`` on: the last prompt token during prefill and every generated token while decoding.
+Rows of one batch can carry different coefficients (SCANS: -1 for safe, +1 for unsafe queries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from safesteer.core.activations import TrackedHooks, hidden_of, with_hidden
+from safesteer.core.handle import LoadedModel
+
+
+class Steerer(TrackedHooks):
+    """Adds per-row steering vectors to decoder-layer outputs until :meth:`remove` is called."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        vectors: Mapping[int, torch.Tensor],
+        coefficients: torch.Tensor,
+        start_column: int,
+    ) -> None:
+        if coefficients.dim() != 1:
+            raise ValueError("coefficients must be a 1-D tensor with one value per batch row")
+        self.start_column = start_column
+        self.batch_size = int(coefficients.shape[0])
+        super().__init__(lm.model)
+        for layer, vector in vectors.items():
+            if not 0 <= layer < lm.num_layers:
+                self.remove()
+                raise ValueError(f"steering layer {layer} outside 0..{lm.num_layers - 1}")
+            device, dtype = lm.layer_device(layer), lm.dtype
+            # [batch, 1, hidden], built once: the decode hot path is a single broadcast add.
+            delta = (
+                coefficients.to(device, torch.float32)[:, None, None]
+                * vector.to(device, torch.float32)[None, None, :]
+            )
+            hook = self._hook_for(delta.to(dtype))
+            self._handles.append(lm.layers[layer].register_forward_hook(hook))
+
+    def _hook_for(self, delta: torch.Tensor) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            hidden = hidden_of(output)
+            start = self._tracker.start
+            width = hidden.shape[1]
+            if start + width <= self.start_column:
+                return output
+            if hidden.shape[0] != self.batch_size:
+                raise RuntimeError(
+                    f"steering was set up for {self.batch_size} rows but the batch has "
+                    f"{hidden.shape[0]}"
+                )
+            if start >= self.start_column:
+                return with_hidden(output, hidden + delta)
+            columns = torch.arange(start, start + width, device=hidden.device)
+            scope = (columns >= self.start_column).to(hidden.dtype)[None, :, None]
+            return with_hidden(output, hidden + delta * scope)
+
+        return hook
+
+
+@contextmanager
+def steering(
+    lm: LoadedModel,
+    vectors: Mapping[int, torch.Tensor],
+    coefficients: torch.Tensor,
+    start_column: int,
+) -> Iterator[Steerer]:
+    """Steer inside a ``with`` block; hooks are removed on exit, also after an error."""
+    steerer = Steerer(lm, vectors, coefficients, start_column)
+    try:
+        yield steerer
+    finally:
+        steerer.remove()

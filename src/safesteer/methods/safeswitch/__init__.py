@@ -1,0 +1,1 @@
+"""SafeSwitch: probers on internal states decide, a refusal head answers flagged prompts."""
