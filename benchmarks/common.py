@@ -543,7 +543,8 @@ def fit_artifact(lm: Any, anchors_per_side: int, seed: int) -> Any:
     """A SCANS artifact fitted on ``anchors_per_side`` harmful and benign anchors (default
     settings: depth-scaled layers, relative alpha, calibrated threshold)."""
     from safesteer.datasets import draw_anchors
-    from safesteer.methods.scans.method import default_settings, fit_scans
+    from safesteer.methods.scans.fit import fit_scans
+    from safesteer.methods.scans.settings import default_settings
 
     anchors = draw_anchors(anchors_per_side, seed)
     return fit_scans(

@@ -2,7 +2,7 @@
 
 Three workloads on the same left-padded prompts, repeated in alternating order:
 
-* ``plain``   – ``safesteer.generation.generate_ids`` (the library's decode loop, no hooks);
+* ``plain``   – ``safesteer.core.generation.generate_ids`` (the library's decode loop, no hooks);
 * ``steered`` – the same call inside ``steering()``: a ``Steerer`` on the SCANS steering layers with
   random unit vectors scaled like a fitted artifact (relative alpha x mean residual norm), signs
   alternating per row, applied from the last prompt token on;
@@ -53,7 +53,7 @@ NAME = "decode_overhead"
 def steering_setup(lm: Any, prompts: list[list[int]], seed: int) -> tuple[dict[int, Any], Any]:
     """Random unit vectors on the SCANS steering layers, scaled as a relative-alpha artifact."""
     from safesteer.core.activations import capture
-    from safesteer.methods.scans.method import default_settings
+    from safesteer.methods.scans.settings import default_settings
 
     settings = default_settings(lm.num_layers)
     layers = list(settings.steer_layers)

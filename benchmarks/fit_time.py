@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from safesteer.core.activations import forward
     from safesteer.core.layout import ChatLayout, left_pad
     from safesteer.datasets import draw_anchors
-    from safesteer.methods.scans.method import default_settings, fit_scans
+    from safesteer.methods.scans.fit import fit_scans
+    from safesteer.methods.scans.settings import default_settings
 
     lm = load_lm(args.device)
     anchors = draw_anchors(per_side, args.seed)

@@ -66,7 +66,8 @@ def child(args: argparse.Namespace) -> None:
 
     from safesteer.core.generation import GenerationConfig, generate_ids
     from safesteer.core.layout import ChatLayout
-    from safesteer.methods.scans.method import ScansArtifact, scans_generate
+    from safesteer.methods.scans.artifact import ScansArtifact
+    from safesteer.methods.scans.generate import scans_generate
 
     start = memory_snapshot()
     lm = load_lm(args.device)

@@ -49,12 +49,8 @@ def timing_artifact(lm: Any, seed: int) -> Any:
     """A SafeSwitch artifact with random probers and head difference (timing only, see above)."""
     import torch
 
-    from safesteer.methods.safeswitch.method import (
-        Prober,
-        SafeSwitchArtifact,
-        SafeSwitchSettings,
-        head_checksum,
-    )
+    from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
+    from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -85,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = finish_args(parser.parse_args(argv))
     from safesteer.core.generation import GenerationConfig, generate_ids
     from safesteer.core.layout import ChatLayout
-    from safesteer.methods.safeswitch.method import SafeSwitchArtifact, switched_generate_ids
+    from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+    from safesteer.methods.safeswitch.generate import switched_generate_ids
 
     if args.artifact is not None and not (args.artifact / "manifest.json").exists():
         raise SystemExit(

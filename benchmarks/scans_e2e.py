@@ -81,7 +81,7 @@ def single_forward_fused(lm: Any, artifact: Any, queries: list[str], config: Any
     from safesteer.core.generation import decode_loop, new_cache
     from safesteer.core.layout import Batch, ChatLayout, left_pad
     from safesteer.core.steering import steering
-    from safesteer.methods.scans.method import _decisions, policy_coefficients
+    from safesteer.methods.scans.decide import _decisions, policy_coefficients
 
     settings = artifact.settings
     layout = ChatLayout(lm.tokenizer, settings.system_prompt)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from safesteer.core.generation import GenerationConfig, decode_texts, generate_ids
     from safesteer.core.layout import ChatLayout
-    from safesteer.methods.scans.method import scans_generate, scans_generate_two_pass
+    from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
 
     lm = load_lm(args.device)
     artifact = fit_artifact(lm, anchors, args.seed)

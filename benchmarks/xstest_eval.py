@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from safesteer.core.layout import ChatLayout
     from safesteer.core.steering import steering
     from safesteer.datasets import load_test_set, stratified_sample
-    from safesteer.methods.scans.method import classify, scans_generate, signed
+    from safesteer.methods.scans.decide import classify, signed
+    from safesteer.methods.scans.generate import scans_generate
 
     lm = load_lm(args.device)
     artifact = fit_artifact(lm, anchors, args.seed)

@@ -6,7 +6,8 @@ import torch
 
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.scans.analysis import LayerTokens, suggest_layers, vocabulary_projection
-from safesteer.methods.scans.method import ScansArtifact, default_settings
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.settings import default_settings
 
 
 def _artifact(lm: LoadedModel, vectors: torch.Tensor) -> ScansArtifact:

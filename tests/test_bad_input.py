@@ -25,7 +25,8 @@ from conftest import BENIGN, HARMFUL, build_tiny, make_tokenizer
 from safesteer.cli.main import app
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import ArtifactError
-from safesteer.methods.scans.method import ScansSettings, fit_scans
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.settings import ScansSettings
 from safesteer.models import load_model
 
 
@@ -430,8 +431,10 @@ def test_at_least_forty_kinds() -> None:
 
 
 def test_library_refuses_bad_values_before_loading(tmp_path: Path) -> None:
-    from safesteer.evaluation.evaluate import EvalOptions, evaluate
-    from safesteer.evaluation.runner import RunError, RunOptions, run
+    from safesteer.evaluation.eval_options import EvalOptions
+    from safesteer.evaluation.evaluate import evaluate
+    from safesteer.evaluation.run_setup import RunError, RunOptions
+    from safesteer.evaluation.runner import run
 
     with pytest.raises(RunError, match="--batch-size"):
         run(RunOptions(batch_size=0, output_dir=str(tmp_path / "r")))
@@ -442,7 +445,7 @@ def test_library_refuses_bad_values_before_loading(tmp_path: Path) -> None:
 
 def test_library_refuses_non_finite_steering(tiny_models: dict[str, LoadedModel]) -> None:
     from safesteer.core.generation import GenerationConfig
-    from safesteer.methods.scans.method import scans_generate
+    from safesteer.methods.scans.generate import scans_generate
 
     lm = tiny_models["llama"]
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2, 3), None)

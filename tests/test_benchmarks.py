@@ -54,7 +54,8 @@ def test_safeswitch_timing_artifact_runs_without_a_fitted_one(
     from benchmarks.safeswitch_overhead import timing_artifact
 
     from safesteer.core.generation import GenerationConfig
-    from safesteer.methods.safeswitch.method import SafeSwitchArtifact, switched_generate_ids
+    from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+    from safesteer.methods.safeswitch.generate import switched_generate_ids
 
     lm = build_tiny("llama", tokenizer, seed=0)
     artifact = timing_artifact(lm, seed=0)
@@ -74,12 +75,9 @@ def test_scans_e2e_prompt_phase_matches_the_library(tokenizer: PreTrainedTokeniz
     from conftest import BENIGN, HARMFUL
     from safesteer.core.generation import GenerationConfig, generate_ids
     from safesteer.core.layout import ChatLayout
-    from safesteer.methods.scans.method import (
-        ScansSettings,
-        fit_scans,
-        scans_generate,
-        scans_generate_two_pass,
-    )
+    from safesteer.methods.scans.fit import fit_scans
+    from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
+    from safesteer.methods.scans.settings import ScansSettings
 
     lm = build_tiny("llama", tokenizer, seed=0)
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2, 3), None)
@@ -120,7 +118,10 @@ def test_single_forward_prototype_equals_the_library(
 
     from conftest import BENIGN, HARMFUL
     from safesteer.core.generation import GenerationConfig
-    from safesteer.methods.scans.method import ScansSettings, classify, fit_scans, scans_generate
+    from safesteer.methods.scans.decide import classify
+    from safesteer.methods.scans.fit import fit_scans
+    from safesteer.methods.scans.generate import scans_generate
+    from safesteer.methods.scans.settings import ScansSettings
 
     lm = build_tiny(arch, tokenizer)
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2), None)
@@ -144,7 +145,8 @@ def test_real_tokens_of_the_single_forward_mask(tokenizer: PreTrainedTokenizerFa
     from conftest import BENIGN, HARMFUL
     from safesteer.core.generation import GenerationConfig
     from safesteer.core.layout import ChatLayout
-    from safesteer.methods.scans.method import ScansSettings, fit_scans
+    from safesteer.methods.scans.fit import fit_scans
+    from safesteer.methods.scans.settings import ScansSettings
 
     lm = build_tiny("llama", tokenizer)
     settings = ScansSettings(0.5, "relative", (1, 2), (1, 2), 0.0)

@@ -23,27 +23,19 @@ from safesteer.datasets.validation import (
     validation_set,
     written_prompts,
 )
-from safesteer.methods.scans.calibrate import (
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.decide import away_only, classify, policy_coefficients, signed
+from safesteer.methods.scans.directions import refusal_direction, reply_logprobs, windows
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.gate import ProbeGate, fit_probe, out_of_fold
+from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
+from safesteer.methods.scans.policy_choice import (
     choose_threshold,
     outcome_rates,
     pareto_table,
     policy_outcomes,
-    refusal_direction,
-    reply_logprobs,
-    windows,
 )
-from safesteer.methods.scans.gate import ProbeGate, fit_probe, out_of_fold
-from safesteer.methods.scans.method import (
-    ScansArtifact,
-    away_only,
-    classify,
-    default_settings,
-    fit_scans,
-    policy_coefficients,
-    scans_generate,
-    scans_generate_two_pass,
-    signed,
-)
+from safesteer.methods.scans.settings import default_settings
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 
@@ -320,7 +312,7 @@ def test_leak_check_catches_a_planted_test_prompt(shared_data: Path) -> None:
 
 
 def test_recipe_selection() -> None:
-    from safesteer.evaluation.runner import RunError, RunOptions, calibrated_for
+    from safesteer.evaluation.run_setup import RunError, RunOptions, calibrated_for
     from safesteer.methods.scans.calibrated import CALIBRATED_DIR
 
     qwen = RunOptions(model="qwen2.5-coder-0.5b")

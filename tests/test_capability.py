@@ -24,18 +24,20 @@ from safesteer.datasets.registry import DatasetError, get_spec
 from safesteer.evaluation.capability import (
     Intervention,
     _standard_rows,
+    perplexity,
+    scans_intervention,
+)
+from safesteer.evaluation.capability_mmlu import (
     format_mmlu_example,
     mmlu,
     mmlu_answer_ids,
     mmlu_prompt,
-    perplexity,
     read_mmlu_csv,
-    rouge_f1,
-    scans_intervention,
-    xsum,
-    xsum_prompt,
 )
-from safesteer.methods.scans.method import ScansSettings, classify, fit_scans
+from safesteer.evaluation.capability_xsum import rouge_f1, xsum, xsum_prompt
+from safesteer.methods.scans.decide import classify
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.settings import ScansSettings
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEXT = " ".join(CORPUS)

@@ -12,34 +12,32 @@ from conftest import BENIGN, HARMFUL
 from safesteer.core.generation import GenerationConfig, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.evaluation.evaluate import (
-    BALANCED_SAFETY_PROMPT,
-    PROMPT_METHODS,
-    resolve_system_prompt,
-    response_lengths,
-)
-from safesteer.evaluation.judges import (
+from safesteer.evaluation.eval_options import BALANCED_SAFETY_PROMPT, PROMPT_METHODS
+from safesteer.evaluation.eval_summary import response_lengths
+from safesteer.evaluation.evaluate import resolve_system_prompt
+from safesteer.evaluation.judges.llm import (
     DEFAULT_JUDGE_TEMPLATE,
     PUBLISHED_TEMPLATE_NAME,
     judge_prompt_for,
 )
-from safesteer.evaluation.runner import RunError
+from safesteer.evaluation.run_setup import RunError
 from safesteer.evaluation.suites import get_suite
 from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
 from safesteer.methods.safeswitch.baselines import prober_prompt_generate
-from safesteer.methods.safeswitch.method import (
+from safesteer.methods.safeswitch.fit import FitConfig
+from safesteer.methods.safeswitch.generate import safeswitch_generate, switched_generate_ids
+from safesteer.methods.safeswitch.probe import ProberConfig, fit_prober
+from safesteer.methods.safeswitch.settings import (
     SAFESWITCH_SAFETY_PROMPT,
     SAFESWITCH_SYSTEM_PROMPT,
     Prober,
-    SafeSwitchArtifact,
     SafeSwitchSettings,
-    head_checksum,
-    safeswitch_generate,
-    switched_generate_ids,
 )
-from safesteer.methods.safeswitch.probe import fit_prober
-from safesteer.methods.safeswitch.train import FitConfig, ProberConfig
-from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans, scans_generate
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.generate import scans_generate
+from safesteer.methods.scans.settings import ScansSettings
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=8)
@@ -180,7 +178,7 @@ def test_judge_templates(
     published = judge_prompt_for("published", shared_data)
     assert "{question}" in published.template and "{answer}" in published.template
     assert published.template != DEFAULT_JUDGE_TEMPLATE
-    from safesteer.evaluation.judges import load_judge_prompt
+    from safesteer.evaluation.judges.llm import load_judge_prompt
 
     assert published == load_judge_prompt(shared_data, PUBLISHED_TEMPLATE_NAME)
     text = tmp_path / "judge.txt"

@@ -20,7 +20,8 @@ import pytest
 
 from conftest import build_tiny, make_tokenizer
 from safesteer.core.handle import LoadedModel
-from safesteer.evaluation.evaluate import EvalOptions, evaluate
+from safesteer.evaluation.eval_options import EvalOptions
+from safesteer.evaluation.evaluate import evaluate
 from safesteer.models import load_model
 
 CLI = "from safesteer.cli.main import main; main()"

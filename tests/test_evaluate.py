@@ -12,9 +12,11 @@ from typing import Any, ClassVar
 import pytest
 
 from safesteer.core.handle import LoadedModel
-from safesteer.evaluation.evaluate import EvalOptions, evaluate, sample_per_subset
+from safesteer.evaluation.eval_options import EvalOptions
+from safesteer.evaluation.eval_rows import sample_per_subset
+from safesteer.evaluation.evaluate import evaluate
 from safesteer.evaluation.report import write_report
-from safesteer.evaluation.runner import RunError
+from safesteer.evaluation.run_setup import RunError
 from safesteer.evaluation.suites import SCANS_TABLE2
 
 
@@ -191,7 +193,7 @@ def test_judge_added_on_resume_judges_the_earlier_rows(
     tiny: LoadedModel, data_env: Path, tmp_path: Path
 ) -> None:
     """Bug 2: rows written before `--judge strict` was added get strict verdicts on resume."""
-    from safesteer.evaluation.judges import StrictJudge
+    from safesteer.evaluation.judges.keyword import StrictJudge
 
     options = _options(tmp_path, methods=["default"], suite="xstest", limit=2, judges=["paper"])
     evaluate(options, lm=tiny)

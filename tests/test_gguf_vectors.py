@@ -16,6 +16,7 @@ from conftest import BENIGN, HARMFUL, build_tiny
 from safesteer.cli.main import app
 from safesteer.core.generation import GenerationConfig
 from safesteer.core.handle import LoadedModel
+from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.control_vectors import (
     ControlVectorError,
     from_scans,
@@ -23,7 +24,9 @@ from safesteer.methods.scans.control_vectors import (
     read_gguf,
     write_gguf,
 )
-from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans, scans_generate
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.generate import scans_generate
+from safesteer.methods.scans.settings import ScansSettings
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,22 @@ from typing import Any
 
 import pytest
 
-from safesteer.evaluation.judges import (
+from safesteer.evaluation.judges import get_judge
+from safesteer.evaluation.judges.base import EMPTY, Judge, agreement, is_degenerate, judge_all
+from safesteer.evaluation.judges.keyword import (
     COMMON_WORDS,
-    DEFAULT_JUDGE_TEMPLATE,
-    EMPTY,
     PAPER_RULES,
-    Judge,
-    JudgeRequestError,
-    LLMJudge,
     PaperJudge,
     PaperRule,
     StrictJudge,
-    agreement,
-    fill_template,
-    get_judge,
-    is_degenerate,
     is_refusal_paper,
     is_refusal_strict,
-    judge_all,
+)
+from safesteer.evaluation.judges.llm import (
+    DEFAULT_JUDGE_TEMPLATE,
+    JudgeRequestError,
+    LLMJudge,
+    fill_template,
     load_judge_prompt,
     load_judge_template,
     parse_verdict,

@@ -33,18 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 MAX_LINES = 500
 # Modules allowed over MAX_LINES, each with its reason. Keep empty if at all possible.
-LINE_ALLOWLIST: dict[str, str] = {
-    "safesteer.datasets.loaders": "split pending",
-    "safesteer.datasets.registry": "split pending",
-    "safesteer.evaluation.capability": "split pending",
-    "safesteer.evaluation.evaluate": "split pending",
-    "safesteer.evaluation.judges": "split pending",
-    "safesteer.evaluation.runner": "split pending",
-    "safesteer.methods.safeswitch.method": "split pending",
-    "safesteer.methods.safeswitch.train": "split pending",
-    "safesteer.methods.scans.calibrate": "split pending",
-    "safesteer.methods.scans.method": "split pending",
-}
+LINE_ALLOWLIST: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

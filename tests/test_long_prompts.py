@@ -11,8 +11,9 @@ import pytest
 
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.evaluation.evaluate import EvalOptions, evaluate
-from safesteer.evaluation.runner import RunError, context_length, fit_prompt_lengths
+from safesteer.evaluation.eval_options import EvalOptions
+from safesteer.evaluation.evaluate import evaluate
+from safesteer.evaluation.run_setup import RunError, context_length, fit_prompt_lengths
 
 
 @pytest.fixture

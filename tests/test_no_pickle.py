@@ -17,14 +17,13 @@ from transformers import PreTrainedTokenizerFast
 from conftest import BENIGN, HARMFUL, build_tiny
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import MANIFEST, TENSORS, ArtifactError
-from safesteer.methods.safeswitch.method import (
-    SafeSwitchArtifact,
-    SafeSwitchSettings,
-    head_checksum,
-)
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
 from safesteer.methods.safeswitch.probe import Prober
+from safesteer.methods.safeswitch.settings import SafeSwitchSettings
+from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.calibrated import CALIBRATED_DIR
-from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.settings import ScansSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Calls that unpickle (torch.load without weights_only included) or write pickles.

@@ -10,14 +10,11 @@ import pytest
 from safesteer.core.generation import GenerationConfig
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.scans.method import (
-    ScansArtifact,
-    default_settings,
-    fit_scans,
-    scans_generate,
-    scans_generate_two_pass,
-    unsteered,
-)
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.decide import unsteered
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
+from safesteer.methods.scans.settings import default_settings
 from safesteer.models import load_model, require_source
 from safesteer.models.sources import is_cached
 

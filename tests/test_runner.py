@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from safesteer.cli.main import app
 from safesteer.core.handle import LoadedModel
-from safesteer.evaluation.runner import RunError, RunOptions, run
+from safesteer.evaluation.run_setup import RunError, RunOptions
+from safesteer.evaluation.runner import run
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +130,7 @@ def test_cli_run_and_bad_input(tmp_path: Path) -> None:
 def test_bad_values_are_refused_before_loading(
     changes: dict[str, object], message: str, tmp_path: Path
 ) -> None:
-    from safesteer.evaluation.runner import RunError, RunOptions, check_options
+    from safesteer.evaluation.run_setup import RunError, RunOptions, check_options
 
     options = RunOptions(output_dir=str(tmp_path / "out"), **changes)  # type: ignore[arg-type]
     with pytest.raises(RunError, match=message):
@@ -140,7 +141,7 @@ def test_bad_values_are_refused_before_loading(
 
 
 def test_output_dir_that_is_a_file(tmp_path: Path) -> None:
-    from safesteer.evaluation.runner import RunError, RunOptions
+    from safesteer.evaluation.run_setup import RunError, RunOptions
 
     target = tmp_path / "file.txt"
     target.write_text("x")
@@ -149,7 +150,7 @@ def test_output_dir_that_is_a_file(tmp_path: Path) -> None:
 
 
 def test_layer_range_error_names_the_range() -> None:
-    from safesteer.methods.scans.method import parse_layers
+    from safesteer.methods.scans.settings import parse_layers
 
     with pytest.raises(
         ValueError, match=r"0\.\.23: this model has 24 layers \(out of range: 100\.\.200\)"
@@ -158,7 +159,7 @@ def test_layer_range_error_names_the_range() -> None:
 
 
 def test_overlong_prompt_is_refused(tiny_models: dict[str, LoadedModel]) -> None:
-    from safesteer.evaluation.runner import check_prompt_lengths, context_length
+    from safesteer.evaluation.run_setup import check_prompt_lengths, context_length
 
     lm = tiny_models["llama"]
     limit = context_length(lm)

@@ -26,8 +26,11 @@ from safesteer.datasets.refusals import (
     refusal_for,
     render_refusal,
 )
-from safesteer.evaluation.judges import is_refusal_strict
+from safesteer.evaluation.judges.keyword import is_refusal_strict
 from safesteer.methods.artifacts import ArtifactError
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
+from safesteer.methods.safeswitch.fit import FitConfig, fit_safeswitch
+from safesteer.methods.safeswitch.generate import safeswitch_generate, switched_generate_ids
 from safesteer.methods.safeswitch.head import (
     IGNORE_INDEX,
     HeadConfig,
@@ -38,21 +41,12 @@ from safesteer.methods.safeswitch.head import (
     make_head_examples,
     train_refusal_head,
 )
-from safesteer.methods.safeswitch.method import (
-    Prober,
-    SafeSwitchArtifact,
-    SafeSwitchSettings,
-    head_checksum,
-    safeswitch_generate,
-    switched_generate_ids,
-)
 from safesteer.methods.safeswitch.probe import ProberConfig, calibrate_threshold, train_prober
+from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
 from safesteer.methods.safeswitch.train import (
     EVAL_SOURCES,
     HARMLESS_SOURCES,
-    FitConfig,
     TrainingPrompt,
-    fit_safeswitch,
     label_generation,
     load_training_prompts,
     normalise,
@@ -419,8 +413,9 @@ def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
 
 def test_chat_loop_and_eval_wiring(tiny_models: dict[str, LoadedModel]) -> None:
     from safesteer.cli.chat import chat_loop, describe_switch
-    from safesteer.evaluation.evaluate import EvalOptions, MethodOutput, evaluate, run_method
-    from safesteer.evaluation.runner import RunError
+    from safesteer.evaluation.eval_options import EvalOptions, MethodOutput
+    from safesteer.evaluation.evaluate import evaluate, run_method
+    from safesteer.evaluation.run_setup import RunError
 
     lm = tiny_models["llama"]
     artifact = _mixed(lm)

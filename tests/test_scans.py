@@ -19,20 +19,11 @@ from safesteer.core.generation import GenerationConfig
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
 from safesteer.methods.artifacts import MANIFEST, TENSORS, ArtifactError
-from safesteer.methods.scans.method import (
-    PRESETS,
-    ScansArtifact,
-    ScansResult,
-    ScansSettings,
-    calibrate_threshold,
-    classify,
-    default_settings,
-    fit_scans,
-    parse_layers,
-    scans_generate,
-    scans_generate_two_pass,
-    unsteered,
-)
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.decide import ScansResult, classify, unsteered
+from safesteer.methods.scans.fit import calibrate_threshold, fit_scans
+from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
+from safesteer.methods.scans.settings import PRESETS, ScansSettings, default_settings, parse_layers
 from safesteer.models import wrap_model
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]

@@ -27,21 +27,14 @@ from conftest import BENIGN, HARMFUL, build_tiny
 from safesteer.core.generation import GenerationConfig, decode_texts, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.safeswitch.method import (
-    Prober,
-    SafeSwitchArtifact,
-    SafeSwitchSettings,
-    head_checksum,
-    safeswitch_generate,
-)
-from safesteer.methods.scans.method import (
-    ScansArtifact,
-    ScansSettings,
-    classify,
-    fit_scans,
-    scans_generate,
-    unsteered,
-)
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
+from safesteer.methods.safeswitch.generate import safeswitch_generate
+from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.decide import classify, unsteered
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.generate import scans_generate
+from safesteer.methods.scans.settings import ScansSettings
 from safesteer.serving import Engine, EngineSettings, ServeSettings, create_app
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
@@ -450,7 +443,7 @@ def test_the_llm_judge_runs_against_the_server(
     """`safesteer eval --judge llm --judge-url` against `safesteer serve`: the judge's request
     (temperature 0, max_tokens 8) is accepted and answered. A short template: the default one
     is longer than the tiny model's 256-token context (the server says so with a 400)."""
-    from safesteer.evaluation.judges import JudgeRequestError, LLMJudge
+    from safesteer.evaluation.judges.llm import JudgeRequestError, LLMJudge
 
     url, _engine, settings = server
     with pytest.raises(JudgeRequestError, match="over the model's context of 256"):

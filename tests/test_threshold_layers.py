@@ -10,9 +10,11 @@ import pytest
 
 from conftest import BENIGN, HARMFUL
 from safesteer.core.handle import LoadedModel
-from safesteer.evaluation.runner import RunOptions, apply_overrides
+from safesteer.evaluation.run_setup import RunOptions, apply_overrides
 from safesteer.methods.artifacts import ArtifactError
-from safesteer.methods.scans.method import ScansArtifact, ScansSettings, fit_scans
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.settings import ScansSettings
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_library_refuses_new_layers_under_an_old_threshold(lm: LoadedModel) -> N
 
 
 def test_fitting_with_cls_layers_calibrates_on_them(lm: LoadedModel, tmp_path: Path) -> None:
-    from safesteer.evaluation.runner import fit_or_load
+    from safesteer.evaluation.run_setup import fit_or_load
 
     options = RunOptions(cls_layers="0-1", anchor_size=4, recipe="paper", batch_size=4)
     artifact = fit_or_load(lm, options, None)

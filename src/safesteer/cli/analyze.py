@@ -22,7 +22,7 @@ def analyze(
     from rich.table import Table
 
     from safesteer.methods.scans.analysis import suggest_layers, vocabulary_projection
-    from safesteer.methods.scans.method import ScansArtifact
+    from safesteer.methods.scans.artifact import ScansArtifact
     from safesteer.models import load_model
 
     with user_errors():

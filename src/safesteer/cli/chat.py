@@ -13,12 +13,9 @@ from typing import TextIO
 from safesteer.core.generation import GenerationConfig, decode_texts, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.evaluation.runner import RunError
-from safesteer.methods.safeswitch.method import (
-    SafeSwitchArtifact,
-    SwitchDecision,
-    safeswitch_generate,
-)
+from safesteer.evaluation.run_setup import RunError
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+from safesteer.methods.safeswitch.generate import SwitchDecision, safeswitch_generate
 
 CHAT_METHODS = ("none", "scans", "safeswitch")
 QUIT_COMMANDS = frozenset({"/quit", "/exit"})
@@ -67,7 +64,8 @@ def make_responder(
 
         return plain
     if method == "scans":
-        from safesteer.evaluation.runner import RunOptions, decide_and_generate, fit_or_load
+        from safesteer.evaluation.run_setup import RunOptions, fit_or_load
+        from safesteer.evaluation.runner import decide_and_generate
 
         options = RunOptions(
             artifact=None if artifact is None else str(artifact), seed=seed, multiplier=multiplier

@@ -83,9 +83,10 @@ def eval_command(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Compare methods on a benchmark suite with one or more judges (resumable)."""
-    from safesteer.evaluation.evaluate import EvalOptions, evaluate
-    from safesteer.evaluation.judges import JudgeRequestError
-    from safesteer.evaluation.runner import RunError
+    from safesteer.evaluation.eval_options import EvalOptions
+    from safesteer.evaluation.evaluate import evaluate
+    from safesteer.evaluation.judges.llm import JudgeRequestError
+    from safesteer.evaluation.run_setup import RunError
 
     options = EvalOptions(
         suite=suite,
@@ -139,7 +140,7 @@ def demo(
 ) -> None:
     """Over-refusal and its fix side by side: default vs SCANS on a seeded XSTest sample."""
     from safesteer.evaluation.demo import DemoOptions, run_demo
-    from safesteer.evaluation.runner import RunError
+    from safesteer.evaluation.run_setup import RunError
 
     if limit < 1:
         err.print("[red]error:[/red] --limit must be at least 1")

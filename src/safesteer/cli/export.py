@@ -42,8 +42,9 @@ def export_gguf(
 ) -> None:
     """Write SCANS' steering vectors (alpha included) as a llama.cpp control vector."""
     from safesteer.methods.artifacts import ArtifactError
+    from safesteer.methods.scans.artifact import ScansArtifact
     from safesteer.methods.scans.control_vectors import ControlVectorError, from_scans, write_gguf
-    from safesteer.methods.scans.method import ScansArtifact, parse_layers
+    from safesteer.methods.scans.settings import parse_layers
 
     try:
         scans = ScansArtifact.load(artifact)
@@ -79,8 +80,8 @@ def import_gguf(
 ) -> None:
     """Show a control vector; with --artifact and --out, make it a SCANS steering direction."""
     from safesteer.methods.artifacts import ArtifactError
+    from safesteer.methods.scans.artifact import ScansArtifact
     from safesteer.methods.scans.control_vectors import ControlVectorError, into_scans, read_gguf
-    from safesteer.methods.scans.method import ScansArtifact
 
     try:
         vector = read_gguf(source)

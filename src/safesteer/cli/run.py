@@ -79,7 +79,7 @@ def run(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Fit (or load) SCANS, steer generation over a test set, judge refusals and summarise."""
-    from safesteer.evaluation.runner import RunError, RunOptions
+    from safesteer.evaluation.run_setup import RunError, RunOptions
     from safesteer.evaluation.runner import run as run_job
 
     options = RunOptions(
@@ -133,7 +133,7 @@ def fit_scans_command(
     device_map: DeviceMapOpt = None,
 ) -> None:
     """Fit SCANS refusal vectors, reference transitions and threshold; write DIR/manifest.json."""
-    from safesteer.evaluation.runner import RunError, RunOptions, fit_or_load
+    from safesteer.evaluation.run_setup import RunError, RunOptions, fit_or_load
     from safesteer.models import load_model
 
     options = RunOptions(
@@ -181,7 +181,8 @@ def generate(
 ) -> None:
     """Print responses, with the SCANS decision (score, sigma) per prompt."""
     from safesteer.core.generation import GenerationConfig
-    from safesteer.evaluation.runner import RunError, RunOptions, decide_and_generate, fit_or_load
+    from safesteer.evaluation.run_setup import RunError, RunOptions, fit_or_load
+    from safesteer.evaluation.runner import decide_and_generate
     from safesteer.models import load_model
 
     if method not in ("none", "scans", "safeswitch"):

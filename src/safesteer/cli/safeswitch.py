@@ -77,23 +77,14 @@ def fit_safeswitch_command(
     """Fit SafeSwitch probers and refusal head; write DIR/manifest.json and a layer-sweep PNG."""
     from dataclasses import replace
 
-    from safesteer.evaluation.judges import (
-        JudgeRequestError,
-        LLMJudge,
-        StrictJudge,
-        judge_prompt_for,
-    )
-    from safesteer.evaluation.runner import RunError
+    from safesteer.evaluation.judges.keyword import StrictJudge
+    from safesteer.evaluation.judges.llm import JudgeRequestError, LLMJudge, judge_prompt_for
+    from safesteer.evaluation.run_setup import RunError
+    from safesteer.methods.safeswitch.fit import FitConfig, LayerChoice, fit_safeswitch
     from safesteer.methods.safeswitch.head import HeadConfig
-    from safesteer.methods.safeswitch.method import MODES
     from safesteer.methods.safeswitch.probe import ProberConfig, plot_sweep
-    from safesteer.methods.safeswitch.train import (
-        THRESHOLD_CHOICES,
-        FitConfig,
-        LayerChoice,
-        fit_safeswitch,
-        load_training_prompts,
-    )
+    from safesteer.methods.safeswitch.settings import MODES
+    from safesteer.methods.safeswitch.train import THRESHOLD_CHOICES, load_training_prompts
     from safesteer.models import load_model
 
     if mode not in MODES:
@@ -207,7 +198,7 @@ def generate_safeswitch(
     """``safesteer generate --method safeswitch``: responses with per-prompt decisions."""
     from safesteer.cli.chat import describe_switch, load_safeswitch
     from safesteer.core.generation import GenerationConfig
-    from safesteer.methods.safeswitch.method import safeswitch_generate
+    from safesteer.methods.safeswitch.generate import safeswitch_generate
     from safesteer.models import load_model
 
     lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
@@ -245,7 +236,7 @@ def chat_command(
     """Chat on stdin: one message per line, each answered with its decision; /quit or EOF ends."""
     from safesteer.cli.chat import CHAT_METHODS, chat_loop, make_responder
     from safesteer.core.generation import GenerationConfig
-    from safesteer.evaluation.runner import RunError
+    from safesteer.evaluation.run_setup import RunError
     from safesteer.models import load_model
 
     if method not in CHAT_METHODS:

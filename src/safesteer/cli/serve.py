@@ -114,7 +114,7 @@ def _serve(
     import torch
     import uvicorn
 
-    from safesteer.evaluation.runner import context_length
+    from safesteer.evaluation.run_setup import context_length
     from safesteer.models import load_model
     from safesteer.serving import Engine, EngineSettings, ServeSettings, create_app, load_methods
     from safesteer.serving.loading import default_method

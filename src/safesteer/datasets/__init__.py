@@ -1,17 +1,8 @@
 """Datasets: the registry of evaluation and anchor sets, their loaders, anchors and sampling."""
 
-from safesteer.datasets.loaders import (
-    LABEL_COLUMNS,
-    TEST_SET_NAMES,
-    TEXT_COLUMNS,
-    Anchors,
-    Label,
-    Prompt,
-    draw_anchors,
-    load_prompt_file,
-    load_test_set,
-    stratified_sample,
-)
+from safesteer.datasets.loaders import TEST_SET_NAMES, load_test_set
+from safesteer.datasets.prompt_files import load_prompt_file
+from safesteer.datasets.readers import LABEL_COLUMNS, TEXT_COLUMNS, Label, Prompt
 from safesteer.datasets.registry import (
     BUNDLED_DIR,
     DATA_DIR_ENV,
@@ -27,6 +18,7 @@ from safesteer.datasets.registry import (
     verify,
     verify_report,
 )
+from safesteer.datasets.sampling import Anchors, draw_anchors, stratified_sample
 
 __all__ = [
     "BUNDLED_DIR",

@@ -18,7 +18,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from safesteer.datasets.loaders import Prompt, load_test_set
+from safesteer.datasets.loaders import load_test_set
+from safesteer.datasets.readers import Prompt
 from safesteer.datasets.registry import BUNDLED_DIR, DatasetError
 
 WRITTEN_FILE = BUNDLED_DIR / "validation" / "written.jsonl"

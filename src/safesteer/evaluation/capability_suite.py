@@ -17,14 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from safesteer.core.handle import LoadedModel
-from safesteer.evaluation.capability import (
-    Intervention,
-    mmlu,
-    perplexity,
-    scans_intervention,
-    xsum,
-)
-from safesteer.methods.scans.method import ScansArtifact
+from safesteer.evaluation.capability import Intervention, perplexity, scans_intervention
+from safesteer.evaluation.capability_mmlu import mmlu
+from safesteer.evaluation.capability_xsum import xsum
+from safesteer.methods.scans.artifact import ScansArtifact
 
 CAPABILITY_METHODS = ("default", "scans", "scans-safe", "random")
 DEFAULT_MMLU_SUBJECTS = (

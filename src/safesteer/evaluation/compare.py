@@ -11,8 +11,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from safesteer.evaluation.evaluate import read_rows
-from safesteer.evaluation.judges import EMPTY, Verdict
+from safesteer.evaluation.eval_rows import read_rows
+from safesteer.evaluation.judges.base import EMPTY, Verdict
 from safesteer.evaluation.metrics import count_empty, pooled_avg, pooled_avg_ci, refusal_rate_ci
 from safesteer.evaluation.suites import SCANS_TABLE2
 

@@ -14,7 +14,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from safesteer.evaluation.evaluate import EvalOptions, evaluate, read_rows
+from safesteer.evaluation.eval_options import EvalOptions
+from safesteer.evaluation.eval_rows import read_rows
+from safesteer.evaluation.evaluate import evaluate
 
 DEMO_METHODS = ("default", "scans")
 

@@ -14,7 +14,7 @@ from typing import TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from safesteer.evaluation.judges import EMPTY, Verdict
+from safesteer.evaluation.judges.base import EMPTY, Verdict
 
 __all__ = [
     "ClassifierMetrics",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from safesteer.methods.safeswitch.method import SAFESWITCH_SYSTEM_PROMPT
+from safesteer.methods.safeswitch.settings import SAFESWITCH_SYSTEM_PROMPT
 
 Metric = Literal["refusal", "compliance"]
 

@@ -33,8 +33,10 @@ from safesteer.core.generation import (
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout, left_pad
 from safesteer.core.steering import steering
-from safesteer.methods.safeswitch.method import SafeSwitchArtifact, SwitchDecision, switching
-from safesteer.methods.scans.method import ScansArtifact, check_steerable
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+from safesteer.methods.safeswitch.generate import SwitchDecision, switching
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.generate import check_steerable
 
 
 @dataclass

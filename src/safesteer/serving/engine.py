@@ -10,7 +10,7 @@ since its first row arrived. Its rows are split into groups that can share forwa
   artifact's. Equal to :func:`~safesteer.methods.scans.scans_generate` (``none``: with
   ``coefficients=unsteered``, the library's baseline).
 - ``safeswitch``: SafeSwitch rows, one switched generation
-  (:func:`~safesteer.methods.safeswitch.switched_generate_ids`). SafeSwitch cannot share
+  (:func:`~safesteer.methods.safeswitch.generate.switched_generate_ids`). SafeSwitch cannot share
   SCANS' forward: SCANS prefills the prompt plus its reply prefix and rolls the cache back,
   while SafeSwitch's probers read the last column of a plain prefill and its head switches from
   the n-th generated token; the two sets of hooks assume different prefills.
@@ -37,14 +37,11 @@ import torch
 from safesteer.core.generation import GenerationConfig, StepCallback, generate_ids, stop_token_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.safeswitch.method import SafeSwitchArtifact, switching
-from safesteer.methods.scans.method import (
-    ScansArtifact,
-    ScansDecision,
-    _fused_batch,
-    check_steerable,
-    policy_coefficients,
-)
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+from safesteer.methods.safeswitch.generate import switching
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.decide import ScansDecision, policy_coefficients
+from safesteer.methods.scans.generate import _fused_batch, check_steerable
 from safesteer.serving.protocol import Method
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import MANIFEST, ArtifactError
-from safesteer.methods.safeswitch.method import SafeSwitchArtifact
-from safesteer.methods.scans.method import ScansArtifact
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.serving.protocol import Method
 
 

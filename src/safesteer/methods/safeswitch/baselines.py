@@ -13,12 +13,9 @@ from collections.abc import Callable, Sequence
 from safesteer.core.generation import GenerationConfig, generate_batched
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.safeswitch.method import (
-    SAFESWITCH_SAFETY_PROMPT,
-    SafeSwitchArtifact,
-    SwitchResult,
-    safeswitch_generate,
-)
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
+from safesteer.methods.safeswitch.generate import SwitchResult, safeswitch_generate
+from safesteer.methods.safeswitch.settings import SAFESWITCH_SAFETY_PROMPT
 
 
 def prober_prompt_generate(

@@ -30,7 +30,7 @@ from safesteer.core.generation import length_sorted_batches, stop_token_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout, left_pad
 from safesteer.datasets.refusals import refusal_for
-from safesteer.methods.safeswitch.method import head_bias, head_weight, output_head
+from safesteer.methods.safeswitch.artifact import head_bias, head_weight, output_head
 
 IGNORE_INDEX = -100
 PILOT_SEPARATOR = "\n\n"

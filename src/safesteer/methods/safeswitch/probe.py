@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from safesteer.methods.safeswitch.method import PROBER_HIDDEN, Prober
+from safesteer.methods.safeswitch.settings import PROBER_HIDDEN, Prober
 
 Progress = Callable[[str], None]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from safesteer.core.handle import LoadedModel
-from safesteer.methods.scans.method import ScansArtifact
+from safesteer.methods.scans.artifact import ScansArtifact
 
 REFUSAL_WORDS = (
     "cannot",

@@ -34,28 +34,36 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from safesteer.core.activations import _accepts_logits_to_keep, capture, forward
+from safesteer.core.activations import capture
 from safesteer.core.generation import GenerationConfig
 from safesteer.core.handle import LoadedModel
-from safesteer.core.layout import Batch, ChatLayout
+from safesteer.core.layout import ChatLayout
 from safesteer.datasets import Prompt
-from safesteer.evaluation.judges import is_refusal_strict
+from safesteer.evaluation.judges.keyword import is_refusal_strict
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.decide import unsteered
+from safesteer.methods.scans.directions import (
+    _save_json,
+    refusal_direction,
+    reply_logprobs,
+    unit_rows,
+    windows,
+)
+from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.gate import (
     auroc,
     choose_gate,
     fit_probe,
     out_of_fold,
 )
-from safesteer.methods.scans.method import (
-    POLICIES,
-    Policy,
-    ScansArtifact,
-    ScansSettings,
-    default_settings,
-    fit_scans,
-    scans_generate,
-    unsteered,
+from safesteer.methods.scans.generate import scans_generate
+from safesteer.methods.scans.policy_choice import (
+    choose_threshold,
+    frontier,
+    outcome_rates,
+    pareto_table,
 )
+from safesteer.methods.scans.settings import POLICIES, Policy, ScansSettings, default_settings
 
 Progress = Callable[[str], None]
 
@@ -88,242 +96,6 @@ class Calibration:
     chosen: dict[str, Any] = field(default_factory=dict)
     pareto: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     default_rates: dict[str, float] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-
-
-def _save_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
-    """Each layer's vector scaled to unit norm."""
-    return matrix / matrix.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def _mean_or_none(states: torch.Tensor, mask: np.ndarray) -> torch.Tensor | None:
-    chosen = torch.from_numpy(mask)
-    return states[chosen].mean(dim=0) if bool(chosen.any()) else None
-
-
-def refusal_direction(
-    last: torch.Tensor, labels: Sequence[str], refused: Sequence[bool]
-) -> torch.Tensor | None:
-    """Refused minus complied mean state, averaged within each label (removes the harm axis)."""
-    y = np.asarray([lab == "unsafe" for lab in labels])
-    r = np.asarray(refused, dtype=bool)
-    parts = []
-    for label_mask in (y, ~y):
-        a = _mean_or_none(last, label_mask & r)
-        b = _mean_or_none(last, label_mask & ~r)
-        if a is not None and b is not None:
-            parts.append(a - b)
-    if not parts:
-        return None
-    return unit_rows(torch.stack(parts).mean(dim=0))
-
-
-def _teacher_batch(
-    prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Batch, int, torch.Tensor]:
-    """Prompts left-padded to one width, replies right-padded after them; a reply-token mask."""
-    width_p = max(len(p) for p in prompts)
-    width_r = max(len(r) for r in replies)
-    n = len(prompts)
-    ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    reply_mask = torch.zeros((n, width_r), dtype=torch.bool)
-    for row, (p, r) in enumerate(zip(prompts, replies, strict=True)):
-        ids[row, width_p - len(p) : width_p] = torch.tensor(list(p))
-        mask[row, width_p - len(p) : width_p] = 1
-        ids[row, width_p : width_p + len(r)] = torch.tensor(list(r))
-        mask[row, width_p : width_p + len(r)] = 1
-        reply_mask[row, : len(r)] = True
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(ids, mask, positions), width_p, reply_mask
-
-
-@torch.inference_mode()
-def reply_logprobs(
-    lm: LoadedModel,
-    prompts: Sequence[Sequence[int]],
-    replies: Sequence[Sequence[int]],
-    vectors: dict[int, torch.Tensor] | None = None,
-    coefficient: float = 0.0,
-    batch_size: int = 16,
-) -> np.ndarray:
-    """Mean log-probability per token of each reply after its prompt, optionally steered
-    (``coefficient * vector`` from the last prompt token on, as in generation)."""
-    from safesteer.core.steering import steering
-
-    pad_id = int(lm.tokenizer.pad_token_id)
-    out = np.zeros(len(prompts))
-    for start in range(0, len(prompts), batch_size):
-        rows = list(range(start, min(start + batch_size, len(prompts))))
-        batch, width_p, reply_mask = _teacher_batch(
-            [prompts[i] for i in rows], [replies[i] for i in rows], pad_id
-        )
-        batch = Batch(
-            *(t.to(lm.device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
-        )
-        coefficients = torch.full((len(rows),), float(coefficient))
-        # Only the last width_r + 1 columns' logits are needed (the LM head dominates otherwise).
-        keep = reply_mask.shape[1] + 1
-        extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(lm.model) else {}
-        with steering(lm, vectors or {}, coefficients, width_p - 1):
-            logits = forward(lm, batch, last_logits_only=False, use_cache=False, **extra).logits
-        logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)
-        targets = batch.input_ids[:, width_p:]
-        token_lp = logp.gather(-1, targets[..., None])[..., 0].cpu()
-        token_lp = token_lp.masked_fill(~reply_mask, 0.0)
-        counts = reply_mask.sum(dim=1).clamp_min(1)
-        out[rows] = (token_lp.sum(dim=1) / counts).numpy()
-    return out
-
-
-def windows(num_layers: int, width: int, stride: int) -> list[tuple[int, ...]]:
-    """Candidate steering windows between ~15 % and ~80 % of the depth."""
-    lo = max(1, round(0.15 * num_layers))
-    hi = round(0.8 * num_layers)
-    return [tuple(range(s, s + width)) for s in range(lo, hi - width + 1, stride)]
-
-
-def outcome_rates(
-    labels: Sequence[str],
-    refused: Sequence[bool] | np.ndarray,
-    plain: Sequence[bool] | np.ndarray | None = None,
-) -> dict[str, float]:
-    """Refusal % of safe and unsafe rows and the pooled Avg (safe answered + unsafe refused).
-
-    With a ``plain`` mask (ordinary safe prompts without alarming words) also their refusal %.
-    """
-    y = np.asarray([lab == "unsafe" for lab in labels])
-    r = np.asarray(refused, dtype=bool)
-    safe = float(r[~y].mean() * 100) if (~y).any() else float("nan")
-    unsafe = float(r[y].mean() * 100) if y.any() else float("nan")
-    avg = float(((~r & ~y).sum() + (r & y).sum()) / len(y) * 100)
-    rates = {"safe_refusal": safe, "unsafe_refusal": unsafe, "avg": avg}
-    if plain is not None:
-        mask = np.asarray(plain, dtype=bool)
-        rates["plain_refusal"] = float(r[mask].mean() * 100) if mask.any() else float("nan")
-    return rates
-
-
-def policy_outcomes(
-    probabilities: np.ndarray,
-    threshold: float,
-    refused_default: np.ndarray,
-    refused_away: np.ndarray,
-    refused_toward: np.ndarray,
-    policy: str,
-    toward_threshold: float | None = None,
-) -> np.ndarray:
-    """Per-row refusal under a policy when rows with P(harmful) >= threshold are flagged.
-
-    ``banded``: flagged rows are steered towards refusal only from ``toward_threshold`` up.
-    """
-    flagged = probabilities >= threshold
-    if policy == "banded":
-        if toward_threshold is None:
-            raise ValueError("the banded policy needs toward_threshold")
-        kept = np.where(probabilities >= toward_threshold, refused_toward, refused_default)
-    else:
-        kept = refused_toward if policy == "signed" else refused_default
-    return np.where(flagged, kept, refused_away)
-
-
-def _cuts(probabilities: np.ndarray) -> np.ndarray:
-    """Candidate thresholds: midpoints between the distinct probabilities, plus both ends."""
-    values = np.unique(np.concatenate([[0.0, 1.0], probabilities]))
-    return np.unique(np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.01]]))
-
-
-def pareto_table(
-    labels: Sequence[str],
-    probabilities: np.ndarray,
-    refused_default: np.ndarray,
-    refused_away: np.ndarray,
-    refused_toward: np.ndarray,
-    policy: str,
-    plain: Sequence[bool] | np.ndarray | None = None,
-    grid: int = 50,
-) -> list[dict[str, Any]]:
-    """Validation rates for every candidate threshold (the midpoints of the probabilities).
-
-    ``banded`` has two thresholds: T on the midpoints, the towards-threshold on a grid of
-    ``grid`` quantiles of the probabilities above T (plus "never").
-    """
-    table = []
-    for t in _cuts(probabilities):
-        towards: list[float | None] = [None]
-        if policy == "banded":
-            above = probabilities[probabilities >= t]
-            quantiles = np.quantile(above, np.linspace(0, 1, grid)) if above.size else []
-            towards = [*sorted({float(t), *map(float, quantiles), 1.01})]
-        for tt in towards:
-            refused = policy_outcomes(
-                probabilities,
-                float(t),
-                refused_default,
-                refused_away,
-                refused_toward,
-                policy,
-                tt,
-            )
-            row: dict[str, Any] = {"threshold": float(t)}
-            if tt is not None:
-                row["toward_threshold"] = tt
-            table.append({**row, **outcome_rates(labels, refused, plain)})
-    return table
-
-
-def choose_threshold(
-    table: list[dict[str, Any]],
-    default_unsafe: float,
-    unsafe_budget: float,
-    default_plain: float | None = None,
-    plain_budget: float | None = None,
-) -> dict[str, Any]:
-    """Best validation Avg among thresholds keeping unsafe refusal within the budget.
-
-    With ``default_plain`` and ``plain_budget`` the plain prompts' refusal must also stay within
-    ``plain_budget`` points above the default (steering must not create new over-refusal); when
-    no row meets both, the unsafe budget alone is kept, then neither.
-    """
-
-    def unsafe_ok(r: dict[str, Any]) -> bool:
-        return bool(r["unsafe_refusal"] >= default_unsafe - unsafe_budget)
-
-    def plain_ok(r: dict[str, Any]) -> bool:
-        if default_plain is None or plain_budget is None:
-            return True
-        return bool(r["plain_refusal"] <= default_plain + plain_budget)
-
-    allowed = [r for r in table if unsafe_ok(r) and plain_ok(r)]
-    pool = allowed or [r for r in table if unsafe_ok(r)] or table
-    # Ties: prefer the lower safe refusal, then the middle of the tied range of thresholds.
-    best = max(pool, key=lambda r: (round(r["avg"], 6), -r["safe_refusal"]))
-    tied = [
-        r
-        for r in pool
-        if abs(r["avg"] - best["avg"]) < 1e-9
-        and abs(r["safe_refusal"] - best["safe_refusal"]) < 1e-9
-    ]
-    return dict(tied[len(tied) // 2], within_budget=bool(allowed))
-
-
-def frontier(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per threshold T (the best Avg over the towards-threshold, if any): for reports."""
-    best: dict[float, dict[str, Any]] = {}
-    for row in table:
-        kept = best.get(row["threshold"])
-        if kept is None or row["avg"] > kept["avg"]:
-            best[row["threshold"]] = row
-    return [best[t] for t in sorted(best)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from safesteer.methods.scans.method import ScansArtifact
+from safesteer.methods.scans.artifact import ScansArtifact
 
 ARCHITECTURE = "controlvector"
 Sign = Literal["away", "toward"]

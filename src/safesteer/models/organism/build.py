@@ -2,8 +2,8 @@
 
 Steps (all greedy / seeded, CPU friendly):
 
-1. choose prompts with :func:`safesteer.model_organism.build_training_data` (evaluation prompts
-   are refused by text overlap);
+1. choose prompts with :func:`safesteer.models.organism.training.build_training_data`
+   (evaluation prompts are refused by text overlap);
 2. answer the benign prompts with the embedded model itself (greedy, ``max_new_tokens`` tokens);
 3. train LoRA (r=8 on the attention projections) on the response tokens only;
 4. save ``adapter_model.safetensors`` + ``adapter_config.json`` and a ``NOTE.md`` with the
@@ -25,7 +25,7 @@ import torch
 from safesteer.core.generation import GenerationConfig, generate_batched
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.evaluation.judges import is_refusal_paper
+from safesteer.evaluation.judges.keyword import is_refusal_paper
 from safesteer.models import EMBEDDED_ID, load_model, wrap_model
 from safesteer.models.organism.training import (
     ADAPTER_FILE,

@@ -1,0 +1,169 @@
+"""Rows of ``safesteer eval``: prompts per suite, judges, one row per (method, prompt), and the
+resumable ``responses.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safesteer.datasets import Prompt, load_test_set, stratified_sample
+from safesteer.evaluation.eval_options import EvalOptions, MethodOutput
+from safesteer.evaluation.judges import get_judge
+from safesteer.evaluation.judges.base import Judge, judge_all
+from safesteer.evaluation.judges.llm import LLMJudge, judge_prompt_for
+from safesteer.evaluation.run_setup import (
+    RunError,
+)
+from safesteer.evaluation.suites import Suite, answer_correct, benchmark_of
+
+# --------------------------------------------------------------------------------------------
+# prompts, judges, rows
+
+
+def load_suite_prompts(suite: Suite, data_dir: str | None) -> list[Prompt]:
+    """All prompts of a suite (anchors not yet removed)."""
+    prompts: list[Prompt] = []
+    for part in suite.parts:
+        prompts.extend(load_test_set(part, data_dir=data_dir))
+    return prompts
+
+
+def sample_per_subset(prompts: Sequence[Prompt], limit: int | None, seed: int) -> list[Prompt]:
+    """``limit`` prompts per subset (seeded), in the original order."""
+    if limit is None:
+        return list(prompts)
+    groups: dict[str, list[Prompt]] = defaultdict(list)
+    for p in prompts:
+        groups[p.subset].append(p)
+    chosen = {id(p) for group in groups.values() for p in stratified_sample(group, limit, seed)}
+    return [p for p in prompts if id(p) in chosen]
+
+
+def build_judges(options: EvalOptions) -> dict[str, Judge]:
+    """The requested judges by name; the LLM judge needs --judge-url and --judge-model."""
+    judges: dict[str, Judge] = {}
+    for name in options.judges:
+        if name == "llm":
+            prompt = judge_prompt_for(options.judge_template, options.data_dir)
+            judges[name] = LLMJudge(
+                base_url=options.judge_url,
+                model=options.judge_model,
+                template=prompt.template,
+                system_prompt=prompt.system_prompt,
+            )
+        else:
+            judges[name] = get_judge(name)
+    return judges
+
+
+def make_row(
+    method: str,
+    index: int,
+    prompt: Prompt,
+    output: MethodOutput,
+    judges: dict[str, Judge],
+) -> dict[str, Any]:
+    """A judged output row (the format report.py reads)."""
+    decision = output.decision
+    aliases = prompt.meta.get("answer")
+    correct = (
+        answer_correct(output.response, [str(a) for a in aliases])
+        if isinstance(aliases, list)
+        else None
+    )
+    return {
+        "method": method,
+        "id": index,
+        "subset": prompt.subset,
+        "benchmark": benchmark_of(prompt.subset),
+        "label": prompt.label,
+        "prompt": prompt.text,
+        "response": output.response,
+        "score": None if decision is None else round(decision.score, 6),
+        "stage1": output.stage1,
+        "stage2": output.stage2,
+        "flagged": output.flagged,
+        "steered": output.steered,
+        "sigma": None if decision is None else decision.sigma,
+        "layer_cosines": None
+        if decision is None
+        else [round(c, 5) for c in decision.layer_cosines],
+        "judges": {
+            name: judge.judge(prompt.text, output.response) for name, judge in judges.items()
+        },
+        "correct": correct,
+    }
+
+
+def read_rows(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """Rows already written, keyed by (method, id); a truncated last line is dropped."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[(row["method"], int(row["id"]))] = row
+    return rows
+
+
+def check_resumed_rows(
+    rows: dict[tuple[str, int], dict[str, Any]], prompts: Sequence[Prompt], out: Path
+) -> None:
+    """Refuse rows whose prompt is not the prompt of that index now: methods would otherwise be
+    compared on different prompts (e.g. the data file changed, or a SafeSwitch artifact added on
+    resume excludes its training prompts and shifts the list)."""
+    wrong = [
+        key
+        for key, row in rows.items()
+        if not (0 <= key[1] < len(prompts) and row.get("prompt") == prompts[key[1]].text)
+    ]
+    if wrong:
+        method, index = min(wrong)
+        raise RunError(
+            f"{out} holds {len(wrong)} row(s) whose prompt differs from this run's prompt list "
+            f"(first: method {method!r}, id {index}); the prompts changed since they were "
+            "written (test data edited, or a SafeSwitch artifact that excludes its training "
+            "prompts). Use another --output-dir, or delete the folder to start over."
+        )
+
+
+def add_missing_verdicts(
+    rows: dict[tuple[str, int], dict[str, Any]], judges: dict[str, Judge], methods: Sequence[str]
+) -> dict[str, int]:
+    """Judge rows written before a judge was added (on resume); returns rows judged per judge."""
+    added: dict[str, int] = {}
+    for name, judge in judges.items():
+        missing = [
+            row
+            for (method, _), row in sorted(rows.items())
+            if method in methods and name not in row.get("judges", {})
+        ]
+        if not missing:
+            continue
+        verdicts = judge_all(judge, [(r["prompt"], r["response"]) for r in missing])
+        for row, verdict in zip(missing, verdicts, strict=True):
+            row.setdefault("judges", {})[name] = verdict
+        added[name] = len(missing)
+    return added
+
+
+def write_rows(
+    path: Path, rows: dict[tuple[str, int], dict[str, Any]], methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Rewrite ``responses.jsonl`` atomically, in method then prompt order; returns the rows."""
+    ordered = sorted(
+        rows.values(),
+        key=lambda r: (methods.index(r["method"]) if r["method"] in methods else 99, r["id"]),
+    )
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    tmp.replace(path)
+    return ordered

@@ -1,0 +1,117 @@
+"""Steering directions for calibration (refusal-vs-compliance and others) and the teacher-forced
+screen: refusal log-probs and plain-answer perplexity over layer windows."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from safesteer.core.activations import _accepts_logits_to_keep, forward
+from safesteer.core.handle import LoadedModel
+from safesteer.core.layout import Batch
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _save_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """Each layer's vector scaled to unit norm."""
+    return matrix / matrix.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _mean_or_none(states: torch.Tensor, mask: np.ndarray) -> torch.Tensor | None:
+    chosen = torch.from_numpy(mask)
+    return states[chosen].mean(dim=0) if bool(chosen.any()) else None
+
+
+def refusal_direction(
+    last: torch.Tensor, labels: Sequence[str], refused: Sequence[bool]
+) -> torch.Tensor | None:
+    """Refused minus complied mean state, averaged within each label (removes the harm axis)."""
+    y = np.asarray([lab == "unsafe" for lab in labels])
+    r = np.asarray(refused, dtype=bool)
+    parts = []
+    for label_mask in (y, ~y):
+        a = _mean_or_none(last, label_mask & r)
+        b = _mean_or_none(last, label_mask & ~r)
+        if a is not None and b is not None:
+            parts.append(a - b)
+    if not parts:
+        return None
+    return unit_rows(torch.stack(parts).mean(dim=0))
+
+
+def _teacher_batch(
+    prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Batch, int, torch.Tensor]:
+    """Prompts left-padded to one width, replies right-padded after them; a reply-token mask."""
+    width_p = max(len(p) for p in prompts)
+    width_r = max(len(r) for r in replies)
+    n = len(prompts)
+    ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    reply_mask = torch.zeros((n, width_r), dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(prompts, replies, strict=True)):
+        ids[row, width_p - len(p) : width_p] = torch.tensor(list(p))
+        mask[row, width_p - len(p) : width_p] = 1
+        ids[row, width_p : width_p + len(r)] = torch.tensor(list(r))
+        mask[row, width_p : width_p + len(r)] = 1
+        reply_mask[row, : len(r)] = True
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions), width_p, reply_mask
+
+
+@torch.inference_mode()
+def reply_logprobs(
+    lm: LoadedModel,
+    prompts: Sequence[Sequence[int]],
+    replies: Sequence[Sequence[int]],
+    vectors: dict[int, torch.Tensor] | None = None,
+    coefficient: float = 0.0,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Mean log-probability per token of each reply after its prompt, optionally steered
+    (``coefficient * vector`` from the last prompt token on, as in generation)."""
+    from safesteer.core.steering import steering
+
+    pad_id = int(lm.tokenizer.pad_token_id)
+    out = np.zeros(len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        batch, width_p, reply_mask = _teacher_batch(
+            [prompts[i] for i in rows], [replies[i] for i in rows], pad_id
+        )
+        batch = Batch(
+            *(t.to(lm.device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
+        )
+        coefficients = torch.full((len(rows),), float(coefficient))
+        # Only the last width_r + 1 columns' logits are needed (the LM head dominates otherwise).
+        keep = reply_mask.shape[1] + 1
+        extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(lm.model) else {}
+        with steering(lm, vectors or {}, coefficients, width_p - 1):
+            logits = forward(lm, batch, last_logits_only=False, use_cache=False, **extra).logits
+        logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)
+        targets = batch.input_ids[:, width_p:]
+        token_lp = logp.gather(-1, targets[..., None])[..., 0].cpu()
+        token_lp = token_lp.masked_fill(~reply_mask, 0.0)
+        counts = reply_mask.sum(dim=1).clamp_min(1)
+        out[rows] = (token_lp.sum(dim=1) / counts).numpy()
+    return out
+
+
+def windows(num_layers: int, width: int, stride: int) -> list[tuple[int, ...]]:
+    """Candidate steering windows between ~15 % and ~80 % of the depth."""
+    lo = max(1, round(0.15 * num_layers))
+    hi = round(0.8 * num_layers)
+    return [tuple(range(s, s + width)) for s in range(lo, hi - width + 1, stride)]
