@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from safesteer.cli.common import BatchOpt, DtypeOpt, err
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -47,9 +46,9 @@ def calibrate_command(
     gen_tokens: Annotated[int, typer.Option(help="Tokens per validation reply.")] = 24,
     anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 16,
+    batch_size: BatchOpt = 16,
     data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: DtypeOpt = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
 ) -> None:
     """Calibrate SCANS on the validation set (never a test set); about 20 minutes for a 0.5B

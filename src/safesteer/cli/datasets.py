@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from safesteer.cli.common import err
 from safesteer.datasets import (
     DATA_DIR_ENV,
     DatasetError,
@@ -27,7 +28,6 @@ datasets_app = typer.Typer(
 )
 
 _out = Console()
-_err = Console(stderr=True)
 
 DataDirOption = Annotated[
     Path | None,
@@ -40,7 +40,7 @@ DataDirOption = Annotated[
 
 
 def _fail(exc: DatasetError) -> typer.Exit:
-    _err.print(f"error: {exc}", markup=False, highlight=False)
+    err.print(f"error: {exc}", markup=False, highlight=False)
     return typer.Exit(code=1)
 
 
@@ -76,7 +76,7 @@ def verify_command(
         status = "OK" if entry["ok"] else f"MISMATCH (got {entry['actual']})"
         _out.print(f"{status}  {entry['path']}", markup=False, highlight=False)
     if not all(entry["ok"] for entry in report):
-        _err.print(
+        err.print(
             f"error: {get_spec(name).name}: some files differ from the upstream release; "
             "replace them with the original files (or re-run `safesteer datasets download`).",
             markup=False,

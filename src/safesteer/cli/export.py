@@ -9,12 +9,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from safesteer.cli.common import err
+
 export_app = typer.Typer(
     help="Write safesteer artifacts in other tools' formats.", no_args_is_help=True
 )
 import_app = typer.Typer(help="Read other tools' steering vectors.", no_args_is_help=True)
 out = Console()
-err = Console(stderr=True)
 
 
 def _fail(exc: Exception) -> typer.Exit:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from safesteer.cli.common import err
 from safesteer.core.errors import ModelLoadError
 from safesteer.models import SOURCES, FetchError, fetch_model, require_source
 from safesteer.models.sources import cache_root, disk_bytes, is_cached
@@ -19,7 +20,6 @@ models_app = typer.Typer(
     no_args_is_help=True,
 )
 _out = Console()
-_err = Console(stderr=True)
 
 
 def _size(n: int) -> str:
@@ -78,7 +78,7 @@ def fetch_command(
             MofNCompleteColumn(),
             TextColumn("parts"),
             TimeElapsedColumn(),
-            console=_err,
+            console=err,
         ) as progress:
             task = progress.add_task("fetch", total=total)
             path = fetch_model(
@@ -88,6 +88,6 @@ def fetch_command(
                 progress=lambda done, _total: progress.update(task, completed=done),
             )
     except (FetchError, ModelLoadError) as exc:
-        _err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from exc
-    _err.print(f"{source.name}: verified {path} ({_size(path.stat().st_size)}, sha256 ok)")
+    err.print(f"{source.name}: verified {path} ({_size(path.stat().st_size)}, sha256 ok)")

@@ -16,9 +16,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from safesteer.cli.common import resolve_device, user_errors
-
-err = Console(stderr=True)
+from safesteer.cli.common import (
+    BatchOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    err,
+    resolve_device,
+    user_errors,
+)
 
 
 def fit_safeswitch_command(
@@ -64,15 +70,13 @@ def fit_safeswitch_command(
     head_epochs: Annotated[int, typer.Option(help="Refusal-head epochs.")] = 2,
     head_lr: Annotated[float, typer.Option(help="Refusal-head learning rate.")] = 2e-3,
     seed: Annotated[int, typer.Option(help="Seed for sampling, splits and targets.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Prompts per batch.")] = 16,
+    batch_size: BatchOpt = 16,
     data_dir: Annotated[
         Path | None, typer.Option(help="Folder with the SafeSwitch sets (or SAFESTEER_DATA_DIR).")
     ] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    device_map: Annotated[
-        str | None, typer.Option(help="accelerate device map, e.g. auto (several GPUs).")
-    ] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Fit SafeSwitch probers and refusal head; write DIR/manifest.json and a layer-sweep PNG."""
     from dataclasses import replace
@@ -227,11 +231,9 @@ def chat_command(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per reply.")] = 128,
     repetition_penalty: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed (SCANS anchors when fitting).")] = 0,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
-    device_map: Annotated[
-        str | None, typer.Option(help="accelerate device map, e.g. auto (several GPUs).")
-    ] = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "cpu",
+    device_map: DeviceMapOpt = None,
 ) -> None:
     """Chat on stdin: one message per line, each answered with its decision; /quit or EOF ends."""
     from safesteer.cli.chat import CHAT_METHODS, chat_loop, make_responder

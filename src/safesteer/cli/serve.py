@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err = Console(stderr=True)
+from safesteer.cli.common import DtypeOpt, err
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -67,7 +66,7 @@ def serve_command(
     ] = 128,
     repetition_penalty: Annotated[float, typer.Option(help="1.0 = off.")] = 1.0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: DtypeOpt = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
     device_map: Annotated[str | None, typer.Option(help="accelerate device map.")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
