@@ -66,7 +66,7 @@ def make_row(
     output: MethodOutput,
     judges: dict[str, Judge],
 ) -> dict[str, Any]:
-    """A judged output row (the format report.py reads)."""
+    """A judged output row (the format evaluation.report reads)."""
     decision = output.decision
     aliases = prompt.meta.get("answer")
     correct = (
