@@ -27,6 +27,7 @@ BENCHMARKS: list[str] = [
     "safeswitch_overhead",
     "memory",
     "fit_time",
+    "serve_concurrency",
 ]
 
 
