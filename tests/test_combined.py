@@ -147,6 +147,25 @@ def test_zero_alpha_and_no_gate_reduce_to_safeswitch(lm: LoadedModel, scans: Sca
     ]
 
 
+def test_steering_threshold_below_stage1_leaves_unsure_rows_alone(
+    lm: LoadedModel, scans: ScansArtifact
+) -> None:
+    switch = _mixed(lm)
+    encoded = _encoded(lm, switch)
+    _, decisions, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
+    p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
+    strict = switch.with_settings(steer_below=(p1[0] + p1[1]) / 2)  # only the clearest row
+    generated, decisions, steered = combined_batch(lm, strict, scans, encoded, CONFIG)
+    assert sum(steered) == 1
+    switched, _ = switched_generate_ids(lm, strict, encoded, CONFIG)
+    for row, decision in enumerate(decisions):
+        assert steered[row] == (decision.stage1 < strict.settings.steer_below)
+        if not steered[row]:  # between the two thresholds: unsteered, as SafeSwitch alone
+            assert generated.token_ids[row] == switched.token_ids[row]
+    assert strict.settings.steering_threshold == strict.settings.steer_below
+    assert switch.settings.steering_threshold == switch.settings.threshold1
+
+
 def test_direct_prober_cannot_gate(lm: LoadedModel, scans: ScansArtifact) -> None:
     with pytest.raises(ValueError, match="two-stage"):
         check_combinable(_switch(lm, "direct"), scans)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,16 @@ from safesteer.methods.safeswitch.head import (
     make_head_examples,
     train_refusal_head,
 )
-from safesteer.methods.safeswitch.probe import ProberConfig, calibrate_threshold, train_prober
+from safesteer.methods.safeswitch.probe import (
+    ProberConfig,
+    budget_threshold,
+    calibrate_threshold,
+    train_prober,
+)
 from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
 from safesteer.methods.safeswitch.train import (
     EVAL_SOURCES,
+    HARMFUL_SOURCES,
     HARMLESS_SOURCES,
     TrainingPrompt,
     label_generation,
@@ -252,6 +259,25 @@ def test_calibrated_threshold_edge_cases() -> None:
         calibrate_threshold([0.1, 0.9], [0, 2])
 
 
+def test_budget_threshold_bounds_the_share_below() -> None:
+    probs = [0.9, 0.01, 0.5, 0.02, 0.7, 0.03, 0.8, 0.95, 0.6, 0.99]
+    for budget in (0.0, 0.1, 0.25, 0.5):
+        t = budget_threshold(probs, budget)
+        assert sum(p < t for p in probs) <= budget * len(probs)
+        assert sum(p <= t for p in probs) > budget * len(probs)  # the largest such t
+    assert budget_threshold(probs, 0.0) == 0.01  # nothing below the lowest harmful value
+    assert budget_threshold([], 0.05) == 0.0  # no evidence: steer nothing
+    with pytest.raises(ValueError, match="budget"):
+        budget_threshold(probs, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        budget_threshold([0.1, float("nan")], 0.1)
+    settings = SafeSwitchSettings(threshold1=0.8, steer_below=0.1)
+    assert SafeSwitchSettings.from_json(settings.to_json()) == settings
+    assert SafeSwitchSettings.from_json({**settings.to_json(), "steer_below": None}) == replace(
+        settings, steer_below=None
+    )
+
+
 def test_refusal_head_labels_mask_prompt_keep_end_of_turn(
     tiny_models: dict[str, LoadedModel],
 ) -> None:
@@ -335,6 +361,9 @@ def test_fit_artifact_round_trip_and_wrong_model(
     assert artifact.training["counts"]["prompts"] == 32
     assert artifact.training["counts"]["head_prompts"] == 12 + 1  # harmful train split + extra
     assert len(artifact.training_hashes()) == 33
+    steer = artifact.report["steering"]  # the combined method's threshold, from validation
+    assert steer["steer_below"] == artifact.settings.steer_below <= artifact.settings.threshold1
+    assert steer["val_harmful_steered"] <= steer["budget"]
     artifact.save(tmp_path / "ss")
     loaded = SafeSwitchArtifact.load(tmp_path / "ss", lm)
     assert loaded.settings == artifact.settings
@@ -393,7 +422,8 @@ def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
         normalise(p.text) for s in EVAL_SOURCES for p in load_test_set(s, data_dir=shared_data)
     }
     assert not {normalise(p.text) for p in prompts + data.head_extra} & evaluation
-    assert all(v > 0 for v in report["sources"].values())
+    assert all(v > 0 for side in report["sources"].values() for v in side.values())
+    assert set(report["sources"]["harmful"]) == set(HARMFUL_SOURCES)
     sorry = [p for p in prompts if p.source == "sorry-bench-train"]
     assert sorry and all(p.category in SORRY_BENCH_CATEGORIES for p in sorry)
     assert all(p.category is None for p in prompts if not p.source.startswith("sorry-bench"))
@@ -402,13 +432,16 @@ def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
     assert {p.source for p in prompts if not p.harmful} == set(HARMLESS_SOURCES)
     from safesteer.datasets.validation import written_prompts
 
-    safe_written = {p.text for p in written_prompts() if p.label == "safe"}
-    assert all(p.text in safe_written for p in prompts if p.source == "validation-written")
+    # the written prompts feed both sides, each with its own label (style-matched sources)
+    written = {p.text: p.label for p in written_prompts()}
+    for p in prompts:
+        if p.source == "validation-written":
+            assert written[p.text] == ("unsafe" if p.harmful else "safe")
     repe_safe = {
         p.text for p in load_test_set("repe-train", data_dir=shared_data) if p.label == "safe"
     }
     assert all(p.text in repe_safe for p in prompts if p.source == "repe-train")
-    assert not {"truthfulqa", "heldout"} & set(report["sources"])
+    assert not {"truthfulqa", "heldout"} & set(report["sources"]["harmless"])
 
 
 def test_chat_loop_and_eval_wiring(tiny_models: dict[str, LoadedModel]) -> None:

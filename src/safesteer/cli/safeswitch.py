@@ -61,6 +61,13 @@ def fit_safeswitch_command(
             help="Prober thresholds: calibrated (on the validation split) or paper (0.5)."
         ),
     ] = "calibrated",
+    steer_budget: Annotated[
+        float,
+        typer.Option(
+            help="scans+safeswitch: the share of validation harmful prompts that may fall under "
+            "the threshold below which rows are steered away from refusal."
+        ),
+    ] = 0.05,
     n_decode: Annotated[int, typer.Option(help="Pilot tokens before stage 2 and the switch.")] = 3,
     label_tokens: Annotated[int, typer.Option(help="Tokens of each answer the judge labels.")] = 48,
     lr: Annotated[float, typer.Option(help="Prober learning rate (AdamW).")] = 1e-3,
@@ -100,6 +107,9 @@ def fit_safeswitch_command(
     if thresholds not in THRESHOLD_CHOICES:
         err.print(f"[red]unknown --thresholds {thresholds!r}; use calibrated or paper[/red]")
         raise typer.Exit(2)
+    if not 0.0 <= steer_budget < 1.0:
+        err.print(f"[red]--steer-budget must be in [0, 1), got {steer_budget}[/red]")
+        raise typer.Exit(2)
     choice: LayerChoice = None
     if layer is not None:
         try:
@@ -130,6 +140,7 @@ def fit_safeswitch_command(
             batch_size=batch_size,
             seed=seed,
             thresholds=thresholds,
+            steer_budget=steer_budget,
             prober=replace(ProberConfig(), lr=lr),
             head=replace(HeadConfig(), prompts=head_prompts, epochs=head_epochs, lr=head_lr),
         )
@@ -180,6 +191,13 @@ def _print_fit_summary(
             f"stage 2 (complies): threshold {s2['threshold']:.3f}, test accuracy "
             f"{_fmt(s2['test']['accuracy'])}, F1 {_fmt(s2['test']['f1'])}, AUROC "
             f"{_fmt(s2['test']['auroc'])}"
+        )
+    steer = report.get("steering")
+    if steer:
+        err.print(
+            f"scans+safeswitch steers below P(harmful) {steer['steer_below']:.3f} (budget "
+            f"{steer['budget']}): test harmful {_fmt(steer['test_harmful_steered'])}, harmless "
+            f"{_fmt(steer['test_harmless_steered'])} steered"
         )
     head = report["head"]
     err.print(

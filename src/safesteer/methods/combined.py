@@ -3,10 +3,12 @@
 Per row, in one batched greedy generation with one prefill:
   - the prompt (SafeSwitch's prompt format) is prefilled unsteered; the stage-1 prober reads its
     layer at the last prompt token;
-  - rows that stage 1 calls benign (P(harmful) below its threshold) are steered away from refusal
-    with the SCANS artifact's vectors (coefficient -1 at its steering layers, from the last prompt
-    token on): these are the rows where a refusal would be a false one;
-  - rows that stage 1 calls harmful stay unsteered; after ``n_decode`` tokens stage 2 asks whether
+  - rows that stage 1 calls clearly benign (P(harmful) below the artifact's steering threshold,
+    chosen at fit time so that at most a budget of the validation split's harmful prompts fall
+    under it; old artifacts: stage 1's threshold) are steered away from refusal with the SCANS
+    artifact's vectors (coefficient -1 at its steering layers, from the last prompt token on):
+    these are the rows where a refusal would be a false one;
+  - the other rows stay unsteered; after ``n_decode`` tokens stage 2 asks whether
     the model is about to comply, and if so the refusal head takes over (as in SafeSwitch).
 To steer the last prompt token the cache is rolled back by one token after the prefill and that
 token is run again with the steering on: one extra token per row, no second prefill.
@@ -78,7 +80,7 @@ def combined_batch(
     with switching(lm, switch, width, len(encoded)) as switcher:
         forward(lm, batch, past_key_values=cache, use_cache=True)
         p1 = switcher.stage1_probabilities()
-        benign = p1 < switch.settings.threshold1
+        benign = p1 < switch.settings.steering_threshold
         coefficients = torch.where(benign, -1.0, 0.0).cpu()
         rollback(cache, 1)
         step = Batch(batch.input_ids[:, -1:], batch.attention_mask, batch.position_ids[:, -1:])

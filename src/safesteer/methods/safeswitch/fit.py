@@ -25,6 +25,7 @@ from safesteer.methods.safeswitch.probe import (
     FittedProber,
     ProberConfig,
     binary_metrics,
+    budget_threshold,
     fit_prober,
     layer_sweep,
     sweep_table,
@@ -66,6 +67,9 @@ class FitConfig:
     # calibrated: each prober's threshold with the best balanced accuracy on the validation
     # split; paper: the fixed 0.5 of the released SafeSwitch.
     thresholds: ThresholdChoice = "calibrated"
+    # scans+safeswitch: the share of the validation split's harmful prompts that may fall under
+    # the steering threshold (SafeSwitchSettings.steer_below).
+    steer_budget: float = 0.05
     prober: ProberConfig = field(default_factory=ProberConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
 
@@ -74,6 +78,8 @@ class FitConfig:
             raise ValueError(
                 f"unknown thresholds {self.thresholds!r}; use {' or '.join(THRESHOLD_CHOICES)}"
             )
+        if not 0.0 <= self.steer_budget < 1.0:
+            raise ValueError(f"steer_budget must be in [0, 1), got {self.steer_budget}")
 
     @property
     def prober_config(self) -> ProberConfig:
@@ -183,6 +189,9 @@ def fit_safeswitch(
     delta, head_history = train_refusal_head(lm, features, target_ids, config.head, say)
     timings["head_training_s"] = time.perf_counter() - start
 
+    steer = None
+    if stage2 is not None:
+        steer = _steering_threshold(labelled, stage1, layer, splits, harmful, config.steer_budget)
     settings = SafeSwitchSettings(
         mode=config.mode,
         layer=layer,
@@ -190,6 +199,7 @@ def fit_safeswitch(
         threshold1=stage1.threshold,
         threshold2=None if stage2 is None else stage2.threshold,
         system_prompt=config.system_prompt,
+        steer_below=None if steer is None else steer["steer_below"],
     )
     report: dict[str, Any] = {
         "sweep": sweep_table(fitted),
@@ -199,6 +209,8 @@ def fit_safeswitch(
         "head": {**head_history, "examples": len(examples), "target_examples": targets[:5]},
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
+    if steer is not None:
+        report["steering"] = steer
     if stage2 is not None:
         report["two_stage_test"] = _two_stage_test(
             labelled, stage1, stage2, layer, splits, y_direct
@@ -232,6 +244,33 @@ def fit_safeswitch(
         training=training,
         report=report,
     )
+
+
+def _steering_threshold(
+    labelled: Labelled,
+    stage1: FittedProber,
+    layer: int,
+    splits: dict[str, list[int]],
+    harmful: Sequence[bool],
+    budget: float,
+) -> dict[str, Any]:
+    """The combined method's steering threshold from the validation split, and what it does there
+    and on the test split (share of harmful and of harmless prompts that would be steered)."""
+
+    def probs(rows: list[int]) -> list[float]:
+        if not rows:
+            return []
+        p = stage1.prober.probability(labelled.prompt_states[torch.tensor(rows), layer])
+        return [float(v) for v in p.tolist()]
+
+    val_harmful = probs([i for i in splits["val"] if harmful[i]])
+    t = min(stage1.threshold, budget_threshold(val_harmful, budget))
+    out: dict[str, Any] = {"budget": budget, "steer_below": t}
+    for part in ("val", "test"):
+        for name, want in (("harmful", True), ("harmless", False)):
+            p = probs([i for i in splits[part] if harmful[i] == want])
+            out[f"{part}_{name}_steered"] = round(sum(v < t for v in p) / len(p), 4) if p else None
+    return out
 
 
 def _two_stage_test(

@@ -128,6 +128,23 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int]) -> float:
     return best_t
 
 
+def budget_threshold(harmful_probs: Sequence[float], budget: float) -> float:
+    """The largest t with at most ``budget`` (a fraction) of ``harmful_probs`` below t.
+
+    Used for the combined method: a row is steered away from refusal when its P(harmful) is below
+    t, so ``budget`` bounds the share of (validation) harmful prompts that would be steered. No
+    harmful probabilities give 0 (nothing can be bounded, so nothing is steered).
+    """
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"the steering budget must be in [0, 1), got {budget}")
+    p = np.sort(np.asarray(harmful_probs, dtype=float).reshape(-1))
+    if p.size == 0:
+        return 0.0
+    if not np.isfinite(p).all():
+        raise ValueError("the prober's validation probabilities are not all finite")
+    return float(p[int(np.floor(budget * p.size))])
+
+
 def binary_metrics(
     probs: Sequence[float], labels: Sequence[int], threshold: float
 ) -> dict[str, Any]:

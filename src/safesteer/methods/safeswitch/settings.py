@@ -36,6 +36,9 @@ class SafeSwitchSettings:
     threshold1: float = 0.5  # stage 1 (two-stage) or the direct prober
     threshold2: float | None = 0.5  # stage 2 (two-stage only)
     system_prompt: str | None = SAFESWITCH_SYSTEM_PROMPT
+    # scans+safeswitch steers a row away from refusal only when stage 1's P(harmful) is below
+    # this (chosen at fit time on the validation split's harmful rows); None: threshold1.
+    steer_below: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,7 +66,13 @@ class SafeSwitchSettings:
             threshold1=float(data["threshold1"]),
             threshold2=None if t2 is None else float(t2),
             system_prompt=data.get("system_prompt"),
+            steer_below=None if data.get("steer_below") is None else float(data["steer_below"]),
         )
+
+    @property
+    def steering_threshold(self) -> float:
+        """P(harmful) under which the combined method steers away from refusal."""
+        return self.threshold1 if self.steer_below is None else self.steer_below
 
 
 class Prober(nn.Module):

@@ -1,8 +1,11 @@
 """Fitting SafeSwitch: training prompts, labels, features, probers, layer sweep, refusal head.
 
-1. Prompts: harmful = SORRY-Bench train + TrustLLM misuse/jailbreak train; harmless = RepE-Data
-   train's harmless instructions, the project's written validation prompts that are safe (many
-   with alarming words: the prober must not flag those), and AlpacaEval and TriviaQA questions.
+1. Prompts: harmful = SORRY-Bench train + TrustLLM misuse/jailbreak train + the project's written
+   validation prompts that are harmful; harmless = RepE-Data train's harmless instructions, the
+   written validation prompts that are safe (many with alarming words: the prober must not flag
+   those), and AlpacaEval and TriviaQA questions. The written prompts enter on both sides in the
+   same surface styles (short questions and imperatives), so that the prober cannot learn "short
+   question = harmless" from the sources' styles.
    Prompts of every other evaluation set are removed by normalised text and their absence is
    checked before anything is trained. AlpacaEval and TriviaQA are also SafeSwitch benchmarks: the
    artifact stores the hashes of its training prompts and ``safesteer eval`` never tests on them,
@@ -35,7 +38,12 @@ from safesteer.datasets import DatasetError, Prompt, load_test_set
 from safesteer.datasets.validation import EVALUATION_SETS, normalise, written_prompts
 from safesteer.methods.safeswitch.generate import generated_count
 
-HARMFUL_SOURCES = ("sorry-bench-train", "trustllm-misuse-train", "trustllm-jailbreak-train")
+HARMFUL_SOURCES = (
+    "sorry-bench-train",
+    "trustllm-misuse-train",
+    "trustllm-jailbreak-train",
+    "validation-written",
+)
 HARMLESS_SOURCES = ("repe-train", "validation-written", "alpaca-eval", "trivia-qa")
 # Benchmarks that are also training sources: eval excludes the artifact's own training prompts.
 SPLIT_SOURCES = ("alpaca-eval", "trivia-qa")
@@ -126,8 +134,9 @@ def load_training_prompts(
             checked.append(name)
         except DatasetError:
             unchecked.append(name)
-    pools: dict[str, list[TrainingPrompt]] = {}
-    removed: dict[str, int] = {}
+    # keyed by (source, harmful): the written validation prompts feed both sides
+    pools: dict[tuple[str, bool], list[TrainingPrompt]] = {}
+    removed: dict[tuple[str, bool], int] = {}
     seen: set[str] = set()
     for sources, harmful in ((HARMFUL_SOURCES, True), (HARMLESS_SOURCES, False)):
         for source in sources:
@@ -142,29 +151,39 @@ def load_training_prompts(
                     continue
                 seen.add(key)
                 kept.append(_to_training(prompt, harmful, source))
-            pools[source] = kept
-            removed[source] = dropped
+            pools[(source, harmful)] = kept
+            removed[(source, harmful)] = dropped
     rng = random.Random(seed)
     chosen: list[TrainingPrompt] = []
-    for sources, share in (
-        (HARMFUL_SOURCES, None if limit is None else math.ceil(limit / 2)),
-        (HARMLESS_SOURCES, None if limit is None else limit // 2),
+    for sources, harmful, share in (
+        (HARMFUL_SOURCES, True, None if limit is None else math.ceil(limit / 2)),
+        (HARMLESS_SOURCES, False, None if limit is None else limit // 2),
     ):
-        sizes = [len(pools[s]) for s in sources]
+        sizes = [len(pools[(s, harmful)]) for s in sources]
         counts = sizes if share is None else _equal_shares(sizes, share)
         for source, count in zip(sources, counts, strict=True):
-            pool = pools[source]
+            pool = pools[(source, harmful)]
             picked = sorted(rng.sample(range(len(pool)), count))
             chosen.extend(pool[i] for i in picked)
     used = {p.text for p in chosen}
-    spare = [p for s in HARMFUL_SOURCES for p in pools[s] if p.text not in used]
+    spare = [p for s in HARMFUL_SOURCES for p in pools[(s, True)] if p.text not in used]
     extra = rng.sample(spare, min(head_extra, len(spare)))
     overlap = [p.text for p in chosen + extra if normalise(p.text) in eval_texts]
     if overlap:  # an explicit check, not an assert: it must also hold under python -O
         raise RuntimeError(f"{len(overlap)} evaluation prompts leaked into training: {overlap[:3]}")
+
+    def by_side(counts: dict[tuple[str, bool], int]) -> dict[str, dict[str, int]]:
+        return {
+            side: {s: n for (s, h), n in counts.items() if h == want}
+            for side, want in (("harmful", True), ("harmless", False))
+        }
+
+    picked_counts = {
+        key: sum(p.source == key[0] and p.harmful == key[1] for p in chosen) for key in pools
+    }
     report = {
-        "sources": {s: sum(p.source == s for p in chosen) for s in pools},
-        "removed_as_eval_overlap": removed,
+        "sources": by_side(picked_counts),
+        "removed_as_eval_overlap": by_side(removed),
         "eval_sets_checked": checked,
         "eval_sets_not_found": unchecked,
         "limit": limit,
