@@ -257,19 +257,21 @@ def _steering_threshold(
     """The combined method's steering threshold from the validation split, and what it does there
     and on the test split (share of harmful and of harmless prompts that would be steered)."""
 
-    def probs(rows: list[int]) -> list[float]:
-        if not rows:
-            return []
+    rows = splits["val"] + splits["test"]
+    p1: dict[int, float] = {}
+    if rows:  # one prober pass over both splits
         p = stage1.prober.probability(labelled.prompt_states[torch.tensor(rows), layer])
-        return [float(v) for v in p.tolist()]
-
-    val_harmful = probs([i for i in splits["val"] if harmful[i]])
-    t = min(stage1.threshold, budget_threshold(val_harmful, budget))
+        p1 = dict(zip(rows, (float(v) for v in p.tolist()), strict=True))
+    t = min(
+        stage1.threshold, budget_threshold([p1[i] for i in splits["val"] if harmful[i]], budget)
+    )
     out: dict[str, Any] = {"budget": budget, "steer_below": t}
     for part in ("val", "test"):
         for name, want in (("harmful", True), ("harmless", False)):
-            p = probs([i for i in splits[part] if harmful[i] == want])
-            out[f"{part}_{name}_steered"] = round(sum(v < t for v in p) / len(p), 4) if p else None
+            part_p = [p1[i] for i in splits[part] if harmful[i] == want]
+            out[f"{part}_{name}_steered"] = (
+                round(sum(v < t for v in part_p) / len(part_p), 4) if part_p else None
+            )
     return out
 
 

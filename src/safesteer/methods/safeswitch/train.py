@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,9 +179,8 @@ def load_training_prompts(
             for side, want in (("harmful", True), ("harmless", False))
         }
 
-    picked_counts = {
-        key: sum(p.source == key[0] and p.harmful == key[1] for p in chosen) for key in pools
-    }
+    drawn = Counter((p.source, p.harmful) for p in chosen)
+    picked_counts = {key: drawn[key] for key in pools}
     report = {
         "sources": by_side(picked_counts),
         "removed_as_eval_overlap": by_side(removed),
