@@ -35,6 +35,8 @@ from transformers import (
 )
 
 from safesteer.core.handle import LoadedModel
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
+from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
 from safesteer.models import load_model, wrap_model
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -279,3 +281,29 @@ def embedded() -> LoadedModel:
         return load_model()
     except ModelLoadError as exc:
         pytest.skip(f"embedded model unavailable: {exc}")
+
+
+def random_prober(dim: int, seed: int) -> Prober:
+    """An untrained prober with spread-out probabilities (its output weights scaled up)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        prober = Prober(dim)
+        prober.fc2.weight.data *= 20
+    return prober.eval()
+
+
+def random_switch(
+    lm: LoadedModel, mode: str = "two-stage", n_decode: int = 2
+) -> SafeSwitchArtifact:
+    """Random probers and a random refusal head that clearly changes the tokens."""
+    generator = torch.Generator().manual_seed(7)
+    delta = torch.randn(tuple(lm.model.get_output_embeddings().weight.shape), generator=generator)
+    settings = SafeSwitchSettings(mode=mode, layer=1, n_decode=n_decode)  # type: ignore[arg-type]
+    return SafeSwitchArtifact(
+        settings=settings,
+        stage1=random_prober(lm.hidden_size, 1),
+        stage2=random_prober(lm.hidden_size, 2) if mode == "two-stage" else None,
+        head_delta=(delta * 2).half(),
+        model_fingerprint=lm.fingerprint(),
+        base_head_checksum=head_checksum(lm),
+    )

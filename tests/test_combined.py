@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BENIGN, HARMFUL
+from conftest import BENIGN, HARMFUL, random_switch
 from safesteer.core.generation import GenerationConfig, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
@@ -23,7 +23,7 @@ from safesteer.evaluation.judges.llm import (
 from safesteer.evaluation.run_setup import RunError
 from safesteer.evaluation.suites import get_suite
 from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
-from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.baselines import prober_prompt_generate
 from safesteer.methods.safeswitch.fit import FitConfig
 from safesteer.methods.safeswitch.generate import safeswitch_generate, switched_generate_ids
@@ -31,8 +31,6 @@ from safesteer.methods.safeswitch.probe import ProberConfig, fit_prober
 from safesteer.methods.safeswitch.settings import (
     SAFESWITCH_SAFETY_PROMPT,
     SAFESWITCH_SYSTEM_PROMPT,
-    Prober,
-    SafeSwitchSettings,
 )
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.fit import fit_scans
@@ -43,25 +41,8 @@ QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story ab
 CONFIG = GenerationConfig(max_new_tokens=8)
 
 
-def _prober(dim: int, seed: int) -> Prober:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        prober = Prober(dim)
-        prober.fc2.weight.data *= 20
-    return prober.eval()
-
-
 def _switch(lm: LoadedModel, mode: str = "two-stage") -> SafeSwitchArtifact:
-    generator = torch.Generator().manual_seed(7)
-    delta = torch.randn(tuple(lm.model.get_output_embeddings().weight.shape), generator=generator)
-    return SafeSwitchArtifact(
-        settings=SafeSwitchSettings(mode=mode, layer=1, n_decode=2),  # type: ignore[arg-type]
-        stage1=_prober(lm.hidden_size, 1),
-        stage2=_prober(lm.hidden_size, 2) if mode == "two-stage" else None,
-        head_delta=(delta * 2).half(),
-        model_fingerprint=lm.fingerprint(),
-        base_head_checksum=head_checksum(lm),
-    )
+    return random_switch(lm, mode)
 
 
 @pytest.fixture(scope="module")

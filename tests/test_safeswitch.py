@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from conftest import BENIGN, HARMFUL, build_tiny
+from conftest import BENIGN, HARMFUL, build_tiny, random_prober, random_switch
 from safesteer.core.activations import capture
 from safesteer.core.generation import GenerationConfig, generate_ids, stop_token_ids
 from safesteer.core.handle import LoadedModel
@@ -48,7 +48,7 @@ from safesteer.methods.safeswitch.probe import (
     calibrate_threshold,
     train_prober,
 )
-from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
+from safesteer.methods.safeswitch.settings import SafeSwitchSettings
 from safesteer.methods.safeswitch.train import (
     EVAL_SOURCES,
     HARMFUL_SOURCES,
@@ -65,27 +65,8 @@ QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story ab
 CONFIG = GenerationConfig(max_new_tokens=10)
 
 
-def _random_prober(dim: int, seed: int) -> Prober:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        prober = Prober(dim)
-        prober.fc2.weight.data *= 20  # spread the probabilities
-    return prober.eval()
-
-
 def _artifact(lm: LoadedModel, mode: str = "two-stage") -> SafeSwitchArtifact:
-    """Random probers and a random refusal head that clearly changes the tokens."""
-    generator = torch.Generator().manual_seed(7)
-    delta = torch.randn(tuple(lm.model.get_output_embeddings().weight.shape), generator=generator)
-    settings = SafeSwitchSettings(mode=mode, layer=1, n_decode=2)  # type: ignore[arg-type]
-    return SafeSwitchArtifact(
-        settings=settings,
-        stage1=_random_prober(lm.hidden_size, 1),
-        stage2=_random_prober(lm.hidden_size, 2) if mode == "two-stage" else None,
-        head_delta=(delta * 2).half(),
-        model_fingerprint=lm.fingerprint(),
-        base_head_checksum=head_checksum(lm),
-    )
+    return random_switch(lm, mode)
 
 
 def _encoded(lm: LoadedModel, artifact: SafeSwitchArtifact) -> list[list[int]]:
@@ -510,8 +491,8 @@ def test_embedded_head_is_a_separate_tensor(embedded: LoadedModel) -> None:
     assert history["loss_after"] < history["loss_before"]
     artifact = SafeSwitchArtifact(
         settings=SafeSwitchSettings(),
-        stage1=_random_prober(lm.hidden_size, 1),
-        stage2=_random_prober(lm.hidden_size, 2),
+        stage1=random_prober(lm.hidden_size, 1),
+        stage2=random_prober(lm.hidden_size, 2),
         head_delta=delta,
         model_fingerprint=lm.fingerprint(),
         base_head_checksum=head_checksum(lm),

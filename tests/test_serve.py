@@ -19,23 +19,23 @@ from typing import Any
 
 import openai
 import pytest
-import torch
 import uvicorn
 from transformers import PreTrainedTokenizerFast
 
-from conftest import BENIGN, HARMFUL, build_tiny
+from conftest import BENIGN, HARMFUL, build_tiny, random_switch
 from safesteer.core.generation import GenerationConfig, decode_texts, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
+from safesteer.methods.combined import combined_generate
+from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import safeswitch_generate
-from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.decide import classify, unsteered
 from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.generate import scans_generate
 from safesteer.methods.scans.settings import ScansSettings
 from safesteer.serving import Engine, EngineSettings, ServeSettings, create_app
+from safesteer.serving.loading import default_method
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 TOKENS = 10
@@ -64,31 +64,18 @@ def scans(lm: LoadedModel) -> ScansArtifact:
     return artifact.with_settings(threshold=(scores[middle - 1] + scores[middle]) / 2)
 
 
-def _prober(dim: int, seed: int) -> Prober:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        prober = Prober(dim)
-        prober.fc2.weight.data *= 20
-    return prober.eval()
-
-
 @pytest.fixture(scope="module")
 def safeswitch(lm: LoadedModel) -> SafeSwitchArtifact:
     """Random prober and refusal head (direct mode), threshold at the median: half flagged."""
-    generator = torch.Generator().manual_seed(7)
-    shape = tuple(lm.model.get_output_embeddings().weight.shape)
-    artifact = SafeSwitchArtifact(
-        settings=SafeSwitchSettings(mode="direct", layer=1, n_decode=0),
-        stage1=_prober(lm.hidden_size, 1),
-        stage2=None,
-        head_delta=(torch.randn(shape, generator=generator) * 2).half(),
-        model_fingerprint=lm.fingerprint(),
-        base_head_checksum=head_checksum(lm),
-    )
+    return _median_threshold(lm, random_switch(lm, "direct", n_decode=0))
+
+
+def _median_threshold(lm: LoadedModel, artifact: SafeSwitchArtifact) -> SafeSwitchArtifact:
+    """Stage 1's threshold between the middle rows' probabilities (stage 2 always passes)."""
     config = GenerationConfig(max_new_tokens=1)
     probe = artifact.with_settings(threshold1=-1.0)
     p1 = sorted(r.decision.stage1 or 0.0 for r in safeswitch_generate(lm, probe, QUERIES, config))
-    return artifact.with_settings(threshold1=(p1[2] + p1[3]) / 2)
+    return artifact.with_settings(threshold1=(p1[2] + p1[3]) / 2, threshold2=-1.0)
 
 
 @contextmanager
@@ -223,6 +210,46 @@ def test_concurrent_mixed_methods_equal_the_library(
     assert {r.decision.flagged for r in expected[("safeswitch", None)]} == {True, False}
     # 24 requests at once with 8 rows per batch: some batch held more than one row
     assert max(size for size, _ in list(engine.batches)[before:]) > 1
+
+
+def test_combined_method_through_the_server_equals_the_library(
+    lm: LoadedModel, scans: ScansArtifact
+) -> None:
+    switch = _median_threshold(lm, random_switch(lm, "two-stage"))
+    engine = Engine(lm, scans=scans, safeswitch=switch, settings=EngineSettings(max_batch=8))
+    M = "scans+safeswitch"
+    assert engine.methods() == ["none", "scans", "safeswitch", M]
+    config = GenerationConfig(max_new_tokens=TOKENS)
+    expected = combined_generate(lm, switch, scans, QUERIES, config)
+    assert {r.steered for r in expected} == {True, False}  # both kinds of row are served
+    with serving(engine, _settings(lm, default_method=M)) as (url, _, settings):
+        client = _client(url)
+        # each prompt twice: by name, and through the server's default method
+        jobs = [(i, options) for i in range(len(QUERIES)) for options in ({"method": M}, {})]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(
+                pool.map(lambda j: _ask(client, settings.model_id, QUERIES[j[0]], **j[1]), jobs)
+            )
+    for (i, _options), answer in zip(jobs, answers, strict=True):
+        want = expected[i]
+        assert answer.choices[0].message.content == want.response, i
+        assert answer.usage.completion_tokens == len(want.token_ids)
+        decision = answer.model_extra["safesteer"]
+        assert decision["method"] == M  # also the server's default
+        assert decision["steered"] == want.steered
+        assert decision["flagged"] == want.decision.flagged
+        assert decision["stage1"] == pytest.approx(want.decision.stage1)
+
+
+def test_combined_method_needs_both_artifacts(
+    lm: LoadedModel, scans: ScansArtifact, safeswitch: SafeSwitchArtifact
+) -> None:
+    assert "scans+safeswitch" not in Engine(lm, scans=scans, safeswitch=safeswitch).methods()
+    with pytest.raises(ValueError, match="two-stage SafeSwitch"):
+        default_method("scans+safeswitch", scans, safeswitch)  # direct mode cannot gate
+    with pytest.raises(ValueError, match="pass --artifact twice"):
+        default_method("scans+safeswitch", scans, None)
+    assert default_method("scans+safeswitch", scans, random_switch(lm)) == "scans+safeswitch"
 
 
 def test_streamed_chunks_join_to_the_non_streamed_text(

@@ -37,8 +37,9 @@ def serve_command(
     method: Annotated[
         str | None,
         typer.Option(
-            help="Default method for requests without safesteer.method: none, scans or "
-            "safeswitch (default: the first artifact's, else none)."
+            help="Default method for requests without safesteer.method: none, scans, "
+            "safeswitch or scans+safeswitch (needs both artifacts; default: the first "
+            "artifact's, else none)."
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (not loopback: needs a key).")] = (

@@ -27,6 +27,7 @@ from safesteer.core.activations import forward
 from safesteer.core.generation import (
     Generated,
     GenerationConfig,
+    StepCallback,
     decode_loop,
     length_sorted_batches,
     new_cache,
@@ -36,7 +37,7 @@ from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout, left_pad
 from safesteer.core.steering import steering
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
-from safesteer.methods.safeswitch.generate import SwitchDecision, switching
+from safesteer.methods.safeswitch.generate import SwitchDecision, Switcher, switching
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.generate import check_steerable
 
@@ -70,8 +71,15 @@ def combined_batch(
     scans: ScansArtifact,
     encoded: Sequence[Sequence[int]],
     config: GenerationConfig,
+    *,
+    on_step: StepCallback | None = None,
+    on_gate: Callable[[Switcher, list[bool]], None] | None = None,
 ) -> tuple[Generated, list[SwitchDecision], list[bool]]:
-    """Gate, steer and switch one batch of encoded prompts (see the module docstring)."""
+    """Gate, steer and switch one batch of encoded prompts (see the module docstring).
+
+    ``on_step``: see :data:`~safesteer.core.generation.StepCallback`. ``on_gate(switcher,
+    steered)`` is called once the gate has decided, before decoding (a server reads each row's
+    decision from ``switcher`` as the row finishes)."""
     if not encoded:
         return Generated([], []), [], []
     batch = left_pad(encoded, int(lm.tokenizer.pad_token_id), lm.device)
@@ -81,14 +89,18 @@ def combined_batch(
         forward(lm, batch, past_key_values=cache, use_cache=True)
         p1 = switcher.stage1_probabilities()
         benign = p1 < switch.settings.steering_threshold
+        steered = [bool(b) for b in benign.tolist()]
+        if on_gate is not None:
+            on_gate(switcher, steered)
         coefficients = torch.where(benign, -1.0, 0.0).cpu()
         rollback(cache, 1)
         step = Batch(batch.input_ids[:, -1:], batch.attention_mask, batch.position_ids[:, -1:])
         with steering(lm, scans.steering_vectors(), coefficients, width - 1):
             out = forward(lm, step, past_key_values=cache, use_cache=True)
-            generated = decode_loop(lm, batch, out.logits[:, -1, :].float(), cache, config)
+            first = out.logits[:, -1, :].float()
+            generated = decode_loop(lm, batch, first, cache, config, on_step)
         decisions = switcher.decisions()
-    return generated, decisions, [bool(b) for b in benign.tolist()]
+    return generated, decisions, steered
 
 
 def combined_generate(

@@ -152,6 +152,8 @@ def _job(engine: Engine, settings: ServeSettings, req: ChatRequest) -> Job:
     method: Method = (options.method if options else None) or settings.default_method
     if method not in engine.methods():
         fix = "--artifact DIR (a SCANS or SafeSwitch artifact)"
+        if method == "scans+safeswitch":
+            fix = "both a SCANS and a two-stage SafeSwitch artifact (--artifact twice)"
         raise ApiError(
             400,
             f"method {method!r} is not loaded on this server (it runs: "

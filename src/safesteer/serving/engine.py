@@ -14,6 +14,10 @@ since its first row arrived. Its rows are split into groups that can share forwa
   SCANS' forward: SCANS prefills the prompt plus its reply prefix and rolls the cache back,
   while SafeSwitch's probers read the last column of a plain prefill and its head switches from
   the n-th generated token; the two sets of hooks assume different prefills.
+- ``combined``: ``scans+safeswitch`` rows (both artifacts loaded, SafeSwitch two-stage): one
+  :func:`~safesteer.methods.combined.combined_batch`, equal to the library's
+  :func:`~safesteer.methods.combined.combined_generate`. It cannot share the SafeSwitch group's
+  forward either: it rolls the cache back by one token to steer the rows its gate calls benign.
 - ``plain``: ``none`` rows when no SCANS artifact is loaded (plain greedy generation).
 
 Groups of one batch run one after the other. Tokens reach each row's listener as they are
@@ -37,11 +41,13 @@ import torch
 from safesteer.core.generation import GenerationConfig, StepCallback, generate_ids, stop_token_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
+from safesteer.methods.combined import check_combinable, combined_batch
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switching
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.decide import ScansDecision, policy_coefficients
 from safesteer.methods.scans.generate import _fused_batch, check_steerable
+from safesteer.serving.loading import available_methods
 from safesteer.serving.protocol import Method
 
 log = logging.getLogger(__name__)
@@ -125,22 +131,22 @@ class Engine:
             self._reply_ids = layout.reply_ids(scans.settings.reply_prefix)
             alpha = scans.settings.alpha
             self._scans_base = scans if alpha != 0 else scans.with_settings(alpha=1.0)
+        if "scans+safeswitch" in self.methods():
+            assert scans is not None and safeswitch is not None
+            check_combinable(safeswitch, scans)
 
     # -- what requests need to know ---------------------------------------------------------
 
     def methods(self) -> list[Method]:
         """The methods this engine can run."""
-        found: list[Method] = ["none"]
-        if self.scans is not None:
-            found.append("scans")
-        if self.safeswitch is not None:
-            found.append("safeswitch")
-        return found
+        return available_methods(self.scans, self.safeswitch)
 
     def group_of(self, method: Method) -> str:
-        """Which forward a row of ``method`` joins: scans, safeswitch or plain."""
+        """Which forward a row of ``method`` joins: scans, safeswitch, combined or plain."""
         if method == "safeswitch":
             return "safeswitch"
+        if method == "scans+safeswitch":
+            return "combined"
         return "scans" if self.scans is not None else "plain"
 
     def system_prompt(self, method: Method) -> str | None:
@@ -148,7 +154,7 @@ class Engine:
         group = self.group_of(method)
         if group == "scans" and self.scans is not None:
             return self.scans.settings.system_prompt
-        if group == "safeswitch" and self.safeswitch is not None:
+        if group in ("safeswitch", "combined") and self.safeswitch is not None:
             return self.safeswitch.settings.system_prompt
         return None
 
@@ -247,6 +253,8 @@ class Engine:
                 self._scans_group(jobs, prompts, config)
             elif name == "safeswitch":
                 self._safeswitch_group(jobs, prompts, config)
+            elif name == "combined":
+                self._combined_group(jobs, prompts, config)
             else:
                 generate_ids(self.lm, prompts, config, self._stepper(jobs, lambda r: {}))
         except Exception as exc:  # a bug or an out-of-memory: fail these rows, keep serving
@@ -309,6 +317,31 @@ class Engine:
                 return {"stage1": d.stage1, "stage2": d.stage2, "flagged": d.flagged}
 
             generate_ids(self.lm, prompts, config, self._stepper(jobs, decide))
+
+    def _combined_group(
+        self, jobs: list[Job], prompts: list[list[int]], config: GenerationConfig
+    ) -> None:
+        assert self.safeswitch is not None and self.scans is not None
+        seen: dict[str, Any] = {}
+
+        def decide(row: int) -> dict[str, Any]:
+            d = seen["switcher"].decisions()[row]
+            return {
+                "stage1": d.stage1,
+                "stage2": d.stage2,
+                "flagged": d.flagged,
+                "steered": bool(seen["steered"][row]),
+            }
+
+        combined_batch(
+            self.lm,
+            self.safeswitch,
+            self.scans,
+            prompts,
+            config,
+            on_step=self._stepper(jobs, decide),
+            on_gate=lambda switcher, steered: seen.update(switcher=switcher, steered=steered),
+        )
 
     def _stepper(
         self, jobs: Sequence[Job], decide: Callable[[int], dict[str, Any]]

@@ -10,7 +10,7 @@ from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import MANIFEST, ArtifactError
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.scans.artifact import ScansArtifact
-from safesteer.serving.protocol import Method
+from safesteer.serving.protocol import METHODS, Method
 
 
 def artifact_method(directory: Path) -> str:
@@ -48,22 +48,39 @@ def load_methods(
     return scans, safeswitch
 
 
+def available_methods(
+    scans: ScansArtifact | None, safeswitch: SafeSwitchArtifact | None
+) -> list[Method]:
+    """The methods these artifacts can run: ``none`` always, each loaded method, and
+    ``scans+safeswitch`` when both are loaded and SafeSwitch is two-stage (its gate)."""
+    found: list[Method] = ["none"]
+    if scans is not None:
+        found.append("scans")
+    if safeswitch is not None:
+        found.append("safeswitch")
+        if scans is not None and safeswitch.settings.mode == "two-stage":
+            found.append("scans+safeswitch")
+    return found
+
+
 def default_method(
     requested: str | None, scans: ScansArtifact | None, safeswitch: SafeSwitchArtifact | None
 ) -> Method:
     """``--method``, checked against what is loaded; else the first loaded of scans, safeswitch."""
-    loaded: list[Method] = ["none"]
-    if scans is not None:
-        loaded.append("scans")
-    if safeswitch is not None:
-        loaded.append("safeswitch")
+    loaded = available_methods(scans, safeswitch)
     if requested is None:
         return loaded[1] if len(loaded) > 1 else "none"
-    if requested not in ("none", "scans", "safeswitch"):
-        raise ValueError(f"unknown method {requested!r}; use none, scans or safeswitch")
+    if requested not in METHODS:
+        raise ValueError(f"unknown method {requested!r}; use {', '.join(METHODS)}")
     if requested not in loaded:
+        if requested == "scans+safeswitch":
+            raise ValueError(
+                "--method scans+safeswitch needs a SCANS artifact and a two-stage SafeSwitch "
+                "artifact: pass --artifact twice (fit them with `safesteer fit scans` and "
+                "`safesteer fit safeswitch --mode two-stage`)"
+            )
         raise ValueError(
             f"--method {requested} needs its artifact: pass --artifact DIR (fit one with "
             f"`safesteer fit {requested} --out DIR`)"
         )
-    return requested
+    return next(m for m in loaded if m == requested)

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Method = Literal["none", "scans", "safeswitch"]
-METHODS: tuple[Method, ...] = ("none", "scans", "safeswitch")
+Method = Literal["none", "scans", "safeswitch", "scans+safeswitch"]
+METHODS: tuple[Method, ...] = ("none", "scans", "safeswitch", "scans+safeswitch")
 
 
 class SafesteerOptions(BaseModel):
