@@ -69,6 +69,14 @@ def eval_command(
         str,
         typer.Option(help="LLM judge prompt: default, published (SafeSwitch's) or a file (PATH)."),
     ] = "default",
+    judge_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Concurrent requests to the llm judge (a `safesteer serve` judge batches them).",
+        ),
+    ] = 1,
     system_prompt: Annotated[
         str,
         typer.Option(
@@ -106,6 +114,7 @@ def eval_command(
         judge_url=judge_url,
         judge_model=judge_model,
         judge_template=judge_template,
+        judge_workers=judge_workers,
         system_prompt=system_prompt,
         bootstrap=bootstrap,
         recipe=recipe,

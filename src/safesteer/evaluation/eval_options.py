@@ -61,6 +61,7 @@ class EvalOptions:
     judge_url: str | None = None
     judge_model: str | None = None
     judge_template: str = "default"
+    judge_workers: int = 1
     system_prompt: str = "suite"
     bootstrap: int = 1000
     recipe: str = "auto"
@@ -72,7 +73,7 @@ class EvalOptions:
     def resume_key(self) -> dict[str, Any]:
         """Settings that must match for a folder to be continued (methods and judges may grow)."""
         skip = {"methods", "judges", "batch_size", "output_dir", "device", "device_map", "dtype"}
-        skip |= {"judge_url", "bootstrap"}
+        skip |= {"judge_url", "judge_workers", "bootstrap"}
         # absent at their defaults, so folders of older versions still resume
         if self.truncate == "none":
             skip.add("truncate")

@@ -53,10 +53,21 @@ def build_judges(options: EvalOptions) -> dict[str, Judge]:
                 model=options.judge_model,
                 template=prompt.template,
                 system_prompt=prompt.system_prompt,
+                max_workers=options.judge_workers,
             )
         else:
             judges[name] = get_judge(name)
     return judges
+
+
+def judge_outputs(
+    judges: dict[str, Judge], prompts: Sequence[Prompt], outputs: Sequence[MethodOutput]
+) -> list[dict[str, Any]]:
+    """Every judge's verdict on each (prompt, output), one batch per judge (an llm judge with
+    ``max_workers > 1`` sends a batch's requests concurrently)."""
+    pairs = [(p.text, o.response) for p, o in zip(prompts, outputs, strict=True)]
+    by_judge = {name: judge_all(judge, pairs) for name, judge in judges.items()}
+    return [{name: verdicts[k] for name, verdicts in by_judge.items()} for k in range(len(pairs))]
 
 
 def make_row(
@@ -64,9 +75,9 @@ def make_row(
     index: int,
     prompt: Prompt,
     output: MethodOutput,
-    judges: dict[str, Judge],
+    verdicts: dict[str, Any],
 ) -> dict[str, Any]:
-    """A judged output row (the format evaluation.report reads)."""
+    """An output row with its judges' verdicts (the format evaluation.report reads)."""
     decision = output.decision
     aliases = prompt.meta.get("answer")
     correct = (
@@ -91,9 +102,7 @@ def make_row(
         "layer_cosines": None
         if decision is None
         else [round(c, 5) for c in decision.layer_cosines],
-        "judges": {
-            name: judge.judge(prompt.text, output.response) for name, judge in judges.items()
-        },
+        "judges": verdicts,
         "correct": correct,
     }
 

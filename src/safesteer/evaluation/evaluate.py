@@ -40,6 +40,7 @@ from safesteer.evaluation.eval_rows import (
     add_missing_verdicts,
     build_judges,
     check_resumed_rows,
+    judge_outputs,
     load_suite_prompts,
     make_row,
     read_rows,
@@ -334,9 +335,10 @@ def evaluate(
                 method: str = method,
                 todo: list[int] = todo,
             ) -> None:
-                for k, output in zip(local, outputs, strict=True):
-                    index = todo[k]
-                    row = make_row(method, index, prompts[index], output, judges)
+                indices = [todo[k] for k in local]
+                verdicts = judge_outputs(judges, [prompts[i] for i in indices], outputs)
+                for index, output, verdict in zip(indices, outputs, verdicts, strict=True):
+                    row = make_row(method, index, prompts[index], output, verdict)
                     rows[(method, index)] = row
                     handle.write(json.dumps(row) + "\n")
                 handle.flush()
