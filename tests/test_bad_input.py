@@ -421,6 +421,14 @@ def test_bad_input_gets_a_clear_error(env: Env, args: Args, message: str, tmp_pa
     assert (_tree(env.done), _tree(env.run_done)) == done_before  # rows written survive
 
 
+def test_compare_out_without_suffix_writes_markdown_and_json(env: Env, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["compare", str(env.done), "--out", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "t.md").read_text().startswith("| method |")
+    assert json.loads((tmp_path / "t.json").read_text())
+    assert not (tmp_path / "t").exists()
+
+
 def test_at_least_forty_kinds() -> None:
     assert len(CASES) >= 40
     assert len({c[0] for c in CASES}) == len(CASES)

@@ -77,6 +77,13 @@ def eval_command(
             help="Concurrent requests to the llm judge (a `safesteer serve` judge batches them).",
         ),
     ] = 1,
+    judge_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds to wait for one llm-judge answer (a local judge on a CPU is slow).",
+        ),
+    ] = 60.0,
     system_prompt: Annotated[
         str,
         typer.Option(
@@ -115,6 +122,7 @@ def eval_command(
         judge_model=judge_model,
         judge_template=judge_template,
         judge_workers=judge_workers,
+        judge_timeout=judge_timeout,
         system_prompt=system_prompt,
         bootstrap=bootstrap,
         recipe=recipe,
@@ -189,7 +197,10 @@ def compare(
         typer.Argument(help="Eval folders, each DIR or DIR=LABEL (label prefixes methods)."),
     ],
     judge: Annotated[str, typer.Option(help="paper, strict or llm.")] = "strict",
-    out: Annotated[Path | None, typer.Option(help="Also write the Markdown table here.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Also write the Markdown table here (.md added if no suffix) and JSON."),
+    ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
 ) -> None:
     """One refusal table from several eval folders, with the pooled Table-2 Avg and 95 % CIs."""
@@ -203,5 +214,7 @@ def compare(
     text = markdown(table)
     typer.echo(text)
     if out is not None:
+        if not out.suffix:
+            out = out.with_name(out.name + ".md")
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")

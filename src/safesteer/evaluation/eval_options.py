@@ -62,6 +62,7 @@ class EvalOptions:
     judge_model: str | None = None
     judge_template: str = "default"
     judge_workers: int = 1
+    judge_timeout: float = 60.0
     system_prompt: str = "suite"
     bootstrap: int = 1000
     recipe: str = "auto"
@@ -73,7 +74,7 @@ class EvalOptions:
     def resume_key(self) -> dict[str, Any]:
         """Settings that must match for a folder to be continued (methods and judges may grow)."""
         skip = {"methods", "judges", "batch_size", "output_dir", "device", "device_map", "dtype"}
-        skip |= {"judge_url", "judge_workers", "bootstrap"}
+        skip |= {"judge_url", "judge_workers", "judge_timeout", "bootstrap"}
         # absent at their defaults, so folders of older versions still resume
         if self.truncate == "none":
             skip.add("truncate")

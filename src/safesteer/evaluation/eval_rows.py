@@ -54,6 +54,7 @@ def build_judges(options: EvalOptions) -> dict[str, Judge]:
                 template=prompt.template,
                 system_prompt=prompt.system_prompt,
                 max_workers=options.judge_workers,
+                timeout=options.judge_timeout,
             )
         else:
             judges[name] = get_judge(name)
