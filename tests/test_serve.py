@@ -378,6 +378,21 @@ def test_none_without_artifact_is_plain_generation(lm: LoadedModel) -> None:
         client = _client(url)
         with ThreadPoolExecutor(len(QUERIES)) as pool:
             answers = list(pool.map(lambda q: _ask(client, settings.model_id, q), QUERIES))
+            # a system prompt that every row shares: prefilled once per batch (share_prefix)
+            system = "You are a careful assistant who answers every question about the sea."
+            with_system = list(
+                pool.map(
+                    lambda q: client.chat.completions.create(
+                        model=settings.model_id,
+                        messages=[
+                            {"role": "system", "content": system},
+                            {"role": "user", "content": q},
+                        ],
+                        max_tokens=TOKENS,
+                    ),
+                    QUERIES,
+                )
+            )
         status, data = _post(
             url,
             {
@@ -392,6 +407,11 @@ def test_none_without_artifact_is_plain_generation(lm: LoadedModel) -> None:
     )
     assert [a.choices[0].message.content for a in answers] == want
     assert all(a.model_extra["safesteer"] == {"method": "none"} for a in answers)
+    shared = ChatLayout(lm.tokenizer, system)
+    want = decode_texts(
+        lm, generate_ids(lm, [shared.prompt_ids(q) for q in QUERIES], GenerationConfig(TOKENS))
+    )
+    assert [a.choices[0].message.content for a in with_system] == want
     assert status == 400 and "--artifact" in data["error"]["message"]
 
 

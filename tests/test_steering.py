@@ -14,7 +14,13 @@ from torch import nn
 
 from conftest import ARCH_NAMES, BENIGN, HARMFUL
 from safesteer.core.activations import forward, hidden_of, recording, with_hidden
-from safesteer.core.generation import Generated, GenerationConfig, generate_ids
+from safesteer.core.generation import (
+    MIN_SHARED_PREFIX,
+    Generated,
+    GenerationConfig,
+    common_prefix_length,
+    generate_ids,
+)
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout, left_pad
 from safesteer.core.steering import Steerer, steering
@@ -370,6 +376,60 @@ def test_batched_equals_single_and_cache_equals_no_cache(
     assert no_cache.token_ids == batched.token_ids
     for ids, stop in zip(batched.token_ids, batched.stopped, strict=True):
         assert stop or len(ids) == 6
+
+
+SYSTEM = "You are a careful assistant who answers every question about the sea and the sky."
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3], ids=["no-penalty", "penalty"])
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_shared_prefix_prefill_equals_the_plain_batch(
+    tiny_models: dict[str, LoadedModel], arch: str, penalty: float
+) -> None:
+    lm = tiny_models[arch]
+    layout = ChatLayout(lm.tokenizer, SYSTEM)
+    prompts = [layout.prompt_ids(q) for q in [BENIGN[3], HARMFUL[0], BENIGN[1], "Hi"]]
+    shared = common_prefix_length(prompts)
+    assert shared >= MIN_SHARED_PREFIX and len({len(p) for p in prompts}) > 1
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=penalty)
+    steps: list[list[int]] = []
+
+    def on_step(tokens: list[int]) -> list[bool]:
+        steps.append(tokens)
+        return [False] * len(tokens)
+
+    plain = generate_ids(lm, prompts, config)
+    prefixed = generate_ids(lm, prompts, config, on_step, share_prefix=True)
+    assert prefixed.token_ids == plain.token_ids
+    assert prefixed.stopped == plain.stopped
+    assert steps and all(len(tokens) == len(prompts) for tokens in steps)
+
+
+def test_shared_prefix_is_used_only_where_it_helps(tiny_models: dict[str, LoadedModel]) -> None:
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a token of each row stays
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
+    lm = tiny_models["llama"]
+    calls: list[int] = []
+    original = lm.model.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    layout = ChatLayout(lm.tokenizer, SYSTEM)
+    prompts = [layout.prompt_ids(q) for q in BENIGN[:3]]
+    config = GenerationConfig(max_new_tokens=1)
+    lm.model.forward = counting  # type: ignore[method-assign]
+    try:
+        generate_ids(lm, prompts, config, share_prefix=True)
+        assert calls[:2] == [1, 3]  # the prefix once, then every row's rest
+        calls.clear()
+        generate_ids(lm, prompts[:1], config, share_prefix=True)  # one row: nothing to share
+        generate_ids(lm, _prompts(lm, ["Hi", "Yo"]), config, share_prefix=True)  # short prefix
+        assert calls == [1, 2]
+    finally:
+        del lm.model.forward
 
 
 def test_repetition_penalty_changes_greedy_output(tiny_models: dict[str, LoadedModel]) -> None:

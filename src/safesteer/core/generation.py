@@ -196,17 +196,68 @@ def _rollback_message(cache: Any, tokens: int, length: int) -> str:
     )
 
 
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate prefill
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens that every prompt starts with, leaving at least one token of each prompt after."""
+    if not prompts:
+        return 0
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
+
+
+def _window_holds(lm: LoadedModel, width: int) -> bool:
+    """Whether every sliding-window layer sees all of ``width`` columns (then pads in the middle
+    of a row cannot push its real tokens out of the window)."""
+    config = lm.model.config
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False or not window:
+        return True
+    return width <= int(window)
+
+
 @torch.inference_mode()
 def generate_ids(
     lm: LoadedModel,
     prompts: Sequence[Sequence[int]],
     config: GenerationConfig,
     on_step: StepCallback | None = None,
+    *,
+    share_prefix: bool = False,
 ) -> Generated:
-    """Greedy generation for already-encoded prompts in one left-padded batch."""
-    batch = left_pad(prompts, int(lm.tokenizer.pad_token_id), lm.device)
-    cache = new_cache(lm) if config.use_cache else None
-    out = forward(lm, batch, past_key_values=cache, use_cache=config.use_cache)
+    """Greedy generation for already-encoded prompts in one left-padded batch.
+
+    ``share_prefix``: when the rows start with the same tokens (a chat template's system prompt
+    and header), that prefix is prefilled once and its keys/values are copied to every row; the
+    rest of each prompt is left-padded after it (the pads sit between prefix and suffix, masked
+    out, with position ids counting real tokens). The same tokens up to float rounding, with
+    less prefill compute for a long shared prefix.
+    """
+    pad_id = int(lm.tokenizer.pad_token_id)
+    shared = common_prefix_length(prompts) if share_prefix and config.use_cache else 0
+    longest = max((len(p) for p in prompts), default=0) + config.max_new_tokens
+    if shared < MIN_SHARED_PREFIX or len(prompts) < 2 or not _window_holds(lm, longest):
+        batch = left_pad(prompts, pad_id, lm.device)
+        cache = new_cache(lm) if config.use_cache else None
+        out = forward(lm, batch, past_key_values=cache, use_cache=config.use_cache)
+        return decode_loop(lm, batch, out.logits[:, -1, :].float(), cache, config, on_step)
+    rows = len(prompts)
+    cache = new_cache(lm)
+    prefix = left_pad([prompts[0][:shared]], pad_id, lm.device)
+    forward(lm, prefix, past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(rows)
+    rest = left_pad([p[shared:] for p in prompts], pad_id, lm.device)
+    mask = torch.cat([prefix.attention_mask.expand(rows, -1), rest.attention_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids = torch.cat([prefix.input_ids.expand(rows, -1), rest.input_ids], dim=1)
+    batch = Batch(ids, mask, positions)
+    step = Batch(rest.input_ids, mask, positions[:, shared:])
+    out = forward(lm, step, past_key_values=cache, use_cache=True)
     return decode_loop(lm, batch, out.logits[:, -1, :].float(), cache, config, on_step)
 
 

@@ -18,7 +18,9 @@ since its first row arrived. Its rows are split into groups that can share forwa
   :func:`~safesteer.methods.combined.combined_batch`, equal to the library's
   :func:`~safesteer.methods.combined.combined_generate`. It cannot share the SafeSwitch group's
   forward either: it rolls the cache back by one token to steer the rows its gate calls benign.
-- ``plain``: ``none`` rows when no SCANS artifact is loaded (plain greedy generation).
+- ``plain``: ``none`` rows when no SCANS artifact is loaded (plain greedy generation; the
+  prefix that every row shares, the chat template's system prompt and header, is prefilled
+  once: :func:`~safesteer.core.generation.generate_ids` with ``share_prefix``).
 
 Groups of one batch run one after the other. Tokens reach each row's listener as they are
 decoded; a row finishes at a stop token, at its own ``max_tokens`` or when it is cancelled (its
@@ -256,7 +258,8 @@ class Engine:
             elif name == "combined":
                 self._combined_group(jobs, prompts, config)
             else:
-                generate_ids(self.lm, prompts, config, self._stepper(jobs, lambda r: {}))
+                stepper = self._stepper(jobs, lambda r: {})
+                generate_ids(self.lm, prompts, config, stepper, share_prefix=True)
         except Exception as exc:  # a bug or an out-of-memory: fail these rows, keep serving
             log.exception("batch of %d %s rows failed", len(jobs), name)
             for job in jobs:
