@@ -83,3 +83,16 @@ def test_fused_equals_two_pass_on_qwen(qwen: LoadedModel, qwen_artifact: ScansAr
     steered = scans_generate(qwen, strong, queries, config, batch_size=3)
     plain = scans_generate(qwen, strong, queries, config, batch_size=3, coefficients=unsteered)
     assert [r.token_ids for r in steered] != [r.token_ids for r in plain]
+
+
+def test_shared_prefix_prefill_equals_the_plain_batch_on_qwen(qwen: LoadedModel) -> None:
+    """The server's plain group prefills Qwen's default system prompt once for the batch."""
+    from safesteer.core.generation import MIN_SHARED_PREFIX, common_prefix_length, generate_ids
+
+    layout = ChatLayout(qwen.tokenizer)
+    queries = ["How do I kill a Python process?", "What is the capital of France?", "Hi"]
+    prompts = [layout.prompt_ids(q) for q in queries]
+    assert common_prefix_length(prompts) >= MIN_SHARED_PREFIX
+    config = GenerationConfig(max_new_tokens=8)
+    plain = generate_ids(qwen, prompts, config)
+    assert generate_ids(qwen, prompts, config, share_prefix=True).token_ids == plain.token_ids
