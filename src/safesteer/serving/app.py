@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from safesteer.serving.engine import Engine, Event, Job
+from safesteer.serving.loading import artifact_hint
 from safesteer.serving.prompts import PromptError, check_fits, encode_messages
 from safesteer.serving.protocol import ChatRequest, Method, describe_errors, error_body
 
@@ -151,13 +152,10 @@ def _job(engine: Engine, settings: ServeSettings, req: ChatRequest) -> Job:
     options = req.safesteer
     method: Method = (options.method if options else None) or settings.default_method
     if method not in engine.methods():
-        fix = "--artifact DIR (a SCANS or SafeSwitch artifact)"
-        if method == "scans+safeswitch":
-            fix = "both a SCANS and a two-stage SafeSwitch artifact (--artifact twice)"
         raise ApiError(
             400,
             f"method {method!r} is not loaded on this server (it runs: "
-            f"{', '.join(engine.methods())}); start it with {fix}",
+            f"{', '.join(engine.methods())}); it needs {artifact_hint(method)}",
         )
     alpha = options.alpha if options else None
     if alpha is not None and method != "scans":

@@ -43,7 +43,7 @@ import torch
 from safesteer.core.generation import GenerationConfig, StepCallback, generate_ids, stop_token_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.combined import check_combinable, combined_batch
+from safesteer.methods.combined import combined_batch
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switching
 from safesteer.methods.scans.artifact import ScansArtifact
@@ -133,9 +133,6 @@ class Engine:
             self._reply_ids = layout.reply_ids(scans.settings.reply_prefix)
             alpha = scans.settings.alpha
             self._scans_base = scans if alpha != 0 else scans.with_settings(alpha=1.0)
-        if "scans+safeswitch" in self.methods():
-            assert scans is not None and safeswitch is not None
-            check_combinable(safeswitch, scans)
 
     # -- what requests need to know ---------------------------------------------------------
 

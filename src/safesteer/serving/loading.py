@@ -63,6 +63,16 @@ def available_methods(
     return found
 
 
+def artifact_hint(method: str) -> str:
+    """What a server must load to run ``method``, and how to make it (for error messages)."""
+    if method == "scans+safeswitch":
+        return (
+            "a SCANS artifact and a two-stage SafeSwitch artifact: pass --artifact twice (fit "
+            "them with `safesteer fit scans` and `safesteer fit safeswitch --mode two-stage`)"
+        )
+    return f"its artifact: pass --artifact DIR (fit one with `safesteer fit {method} --out DIR`)"
+
+
 def default_method(
     requested: str | None, scans: ScansArtifact | None, safeswitch: SafeSwitchArtifact | None
 ) -> Method:
@@ -73,14 +83,5 @@ def default_method(
     if requested not in METHODS:
         raise ValueError(f"unknown method {requested!r}; use {', '.join(METHODS)}")
     if requested not in loaded:
-        if requested == "scans+safeswitch":
-            raise ValueError(
-                "--method scans+safeswitch needs a SCANS artifact and a two-stage SafeSwitch "
-                "artifact: pass --artifact twice (fit them with `safesteer fit scans` and "
-                "`safesteer fit safeswitch --mode two-stage`)"
-            )
-        raise ValueError(
-            f"--method {requested} needs its artifact: pass --artifact DIR (fit one with "
-            f"`safesteer fit {requested} --out DIR`)"
-        )
+        raise ValueError(f"--method {requested} needs {artifact_hint(requested)}")
     return next(m for m in loaded if m == requested)
