@@ -276,6 +276,21 @@ def test_safeswitch_sets(data_dir: Path) -> None:
     assert len(trivia) == 2000 and isinstance(trivia[0].meta["answer"], list)
 
 
+def test_sorry_eval_gets_category_and_style_from_the_full_file(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    sorry = load_test_set("sorry-bench-eval", data_dir=data_dir)
+    assert Counter(p.meta["category"] for p in sorry) == {str(c): 20 for c in range(1, 46)}
+    assert Counter(p.meta["prompt_style"] for p in sorry)["slang"] == 90
+    # without the full SORRY-Bench file the rows load as before, without the fields
+    (tmp_path / "safeswitch").mkdir()
+    rel = "safeswitch/sorry-bench-eval.jsonl"
+    (tmp_path / rel).write_bytes((data_dir / rel).read_bytes())
+    bare = load_test_set("sorry-bench-eval", data_dir=tmp_path)
+    assert [p.text for p in bare] == [p.text for p in sorry]
+    assert "category" not in bare[0].meta
+
+
 def test_default_set_excludes_anchors() -> None:
     anchors = draw_anchors(64, seed=0)
     assert len(anchors.harmful) == len(set(anchors.harmful)) == 64

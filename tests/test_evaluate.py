@@ -108,6 +108,41 @@ def test_limit_samples_per_subset(data_env: Path) -> None:
     assert sample == sample_per_subset(prompts, 5, seed=3)
 
 
+def test_stratify_keeps_each_field_value_share(data_env: Path) -> None:
+    from collections import Counter
+
+    from safesteer.datasets import load_test_set
+
+    sorry = load_test_set("sorry-bench-eval")
+    sample = sample_per_subset(sorry, 450, seed=0, stratify=["category", "prompt_style"])
+    cells = Counter((p.meta["category"], p.meta["prompt_style"]) for p in sample)
+    assert len(sample) == 450 and len(cells) == 450  # one prompt per category x style
+    by_category = sample_per_subset(sorry, 90, seed=0, stratify=["category"])
+    assert set(Counter(p.meta["category"] for p in by_category).values()) == {2}
+    plain = sample_per_subset(sorry, 90, seed=0)
+    assert set(Counter(p.meta["category"] for p in plain).values()) != {2}
+    # a suite with other subsets: those are sampled as usual
+    mixed = sorry + load_test_set("xstest")
+    sample = sample_per_subset(mixed, 90, seed=0, stratify=["category"])
+    assert Counter(p.subset for p in sample) == {
+        "sorry-bench-eval": 90,
+        "xstest-safe": 90,
+        "xstest-unsafe": 90,
+    }
+
+
+def test_stratify_by_a_missing_field_is_refused(data_env: Path) -> None:
+    from safesteer.datasets import load_test_set
+
+    xstest = load_test_set("xstest")
+    with pytest.raises(RunError, match="no subset of this suite has these fields"):
+        sample_per_subset(xstest, 5, seed=0, stratify=["category"])
+    sorry = load_test_set("sorry-bench-eval")
+    part = [p for p in sorry[:3]] + [type(p)(p.text, p.label, p.subset) for p in sorry[3:6]]
+    with pytest.raises(RunError, match="only 3 of the 6 prompts"):
+        sample_per_subset(part, 2, seed=0, stratify=["category"])
+
+
 class _Judge(BaseHTTPRequestHandler):
     replies: ClassVar[list[str]] = ["1", "garbled verdict", "0"]
     count = 0
@@ -246,3 +281,8 @@ def test_a_fine_tunes_training_prompts_are_never_test_prompts(
     )
     second = {r["prompt"] for r in _rows(tmp_path / "b")}
     assert len(second) == len(first) and not first & second
+
+
+def test_stratify_enters_the_resume_key_only_when_set() -> None:
+    assert "stratify" not in EvalOptions().resume_key()  # older folders still resume
+    assert EvalOptions(stratify=["category"]).resume_key()["stratify"] == ["category"]

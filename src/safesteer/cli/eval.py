@@ -50,6 +50,13 @@ def eval_command(
     limit: Annotated[
         int | None, typer.Option(help="Seeded sample of N prompts per subset.")
     ] = None,
+    stratify: Annotated[
+        str | None,
+        typer.Option(
+            help="With --limit: keep the share of each value of these prompt fields, "
+            "comma-separated (SORRY-Bench eval: category, prompt_style)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 64,
     batch_size: BatchOpt = 16,
     data_dir: Annotated[
@@ -111,6 +118,7 @@ def eval_command(
         artifact=str(artifact) if artifact else None,
         safeswitch_artifact=str(safeswitch_artifact) if safeswitch_artifact else None,
         limit=limit,
+        stratify=[f.strip() for f in (stratify or "").split(",") if f.strip()],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         data_dir=str(data_dir) if data_dir else None,

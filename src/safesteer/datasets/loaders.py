@@ -133,6 +133,25 @@ def _safeswitch_loader(name: str, label: Label) -> Callable[[str | Path | None],
     return load
 
 
+def _sorry_eval(data_dir: str | Path | None) -> list[Prompt]:
+    """SORRY-Bench eval, with ``category`` and ``prompt_style`` joined from the full SORRY-Bench
+    file by prompt text where that file is present (the eval split's rows lack both fields)."""
+    prompts = _safeswitch_loader("sorry-bench-eval", "unsafe")(data_dir)
+    try:
+        path = dataset_path("sorry-bench", data_dir)[0]
+    except DatasetError:
+        return prompts
+    fields: dict[str, dict[str, Any]] = {}
+    for item in _read_jsonl(path):
+        turns = item.get("turns") if isinstance(item, dict) else None
+        if isinstance(turns, list) and turns and isinstance(turns[0], str):
+            found = {k: item[k] for k in ("category", "prompt_style") if k in item}
+            fields.setdefault(turns[0].strip(), found)
+    return [
+        Prompt(p.text, p.label, p.subset, {**fields.get(p.text, {}), **p.meta}) for p in prompts
+    ]
+
+
 _Loader = Callable[[str | Path | None], list[Prompt]]
 
 _SINGLE_SETS: dict[str, _Loader] = {
@@ -146,7 +165,7 @@ _SINGLE_SETS: dict[str, _Loader] = {
     "heldout": _heldout,
     "advbench": _advbench,
     "truthfulqa": _truthfulqa,
-    "sorry-bench-eval": _safeswitch_loader("sorry-bench-eval", "unsafe"),
+    "sorry-bench-eval": _sorry_eval,
     "sorry-bench-train": _safeswitch_loader("sorry-bench-train", "unsafe"),
     "trustllm-misuse-eval": _safeswitch_loader("trustllm-misuse-eval", "unsafe"),
     "trustllm-misuse-train": _safeswitch_loader("trustllm-misuse-train", "unsafe"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,12 +85,17 @@ def _allocate(sizes: list[int], n: int) -> list[int]:
     return alloc
 
 
-def stratified_sample(prompts: Sequence[Prompt], n: int | None, seed: int) -> list[Prompt]:
-    """A seeded sample of ``n`` prompts keeping the share of each (subset, label) group.
+def stratified_sample(
+    prompts: Sequence[Prompt],
+    n: int | None,
+    seed: int,
+    key: Callable[[Prompt], Hashable] | None = None,
+) -> list[Prompt]:
+    """A seeded sample of ``n`` prompts keeping the share of each group.
 
-    ``n`` None or >= len(prompts) returns all prompts. Group sizes use largest-remainder
-    rounding, with at least one prompt per group when ``n`` is at least the number of groups.
-    The sample keeps the original order.
+    Groups are (subset, label), or ``key(prompt)`` when given. ``n`` None or >= len(prompts)
+    returns all prompts. Group sizes use largest-remainder rounding, with at least one prompt per
+    group when ``n`` is at least the number of groups. The sample keeps the original order.
     """
     if n is None or n >= len(prompts):
         return list(prompts)
@@ -98,9 +103,10 @@ def stratified_sample(prompts: Sequence[Prompt], n: int | None, seed: int) -> li
         raise DatasetError(f"Sample size must be >= 0 (or None for all), not {n}.")
     if n == 0:
         return []
-    groups: dict[tuple[str, str], list[int]] = {}
+    groups: dict[Hashable, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        groups.setdefault((prompt.subset, prompt.label), []).append(index)
+        group = (prompt.subset, prompt.label) if key is None else key(prompt)
+        groups.setdefault(group, []).append(index)
     members = list(groups.values())
     alloc = _allocate([len(m) for m in members], n)
     rng = random.Random(seed)

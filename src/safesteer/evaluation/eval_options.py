@@ -51,6 +51,7 @@ class EvalOptions:
     artifact: str | None = None
     safeswitch_artifact: str | None = None
     limit: int | None = None
+    stratify: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     batch_size: int = 16
     data_dir: str | None = None
@@ -78,6 +79,8 @@ class EvalOptions:
         # absent at their defaults, so folders of older versions still resume
         if self.truncate == "none":
             skip.add("truncate")
+        if not self.stratify:
+            skip.add("stratify")
         if self.judge_template == "default":
             skip.add("judge_template")
         if self.system_prompt == "suite":

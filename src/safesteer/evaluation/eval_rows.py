@@ -3,9 +3,10 @@ resumable ``responses.jsonl``."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +32,44 @@ def load_suite_prompts(suite: Suite, data_dir: str | None) -> list[Prompt]:
     return prompts
 
 
-def sample_per_subset(prompts: Sequence[Prompt], limit: int | None, seed: int) -> list[Prompt]:
-    """``limit`` prompts per subset (seeded), in the original order."""
-    if limit is None:
-        return list(prompts)
+def _meta_values(prompt: Prompt, fields: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(str(prompt.meta[f]) for f in fields)
+
+
+def sample_per_subset(
+    prompts: Sequence[Prompt], limit: int | None, seed: int, stratify: Sequence[str] = ()
+) -> list[Prompt]:
+    """``limit`` prompts per subset (seeded), in the original order.
+
+    ``stratify`` names ``Prompt.meta`` fields (SORRY-Bench's ``category``, ``prompt_style``):
+    a subset whose rows all carry them is sampled keeping each value's share; a subset whose
+    rows carry none is sampled as usual. Raises :class:`RunError` when no row, or only part of a
+    subset, carries them.
+    """
     groups: dict[str, list[Prompt]] = defaultdict(list)
     for p in prompts:
         groups[p.subset].append(p)
-    chosen = {id(p) for group in groups.values() for p in stratified_sample(group, limit, seed)}
+    fields = tuple(stratify)
+    chosen: set[int] = set()
+    stratified = []
+    for subset, group in groups.items():
+        carrying = sum(all(f in p.meta for f in fields) for p in group)
+        key: Callable[[Prompt], Hashable] | None = None
+        if fields and carrying == len(group):
+            stratified.append(subset)
+            key = functools.partial(_meta_values, fields=fields)
+        elif fields and carrying:
+            raise RunError(
+                f"--stratify {','.join(fields)}: only {carrying} of the {len(group)} prompts of "
+                f"{subset} carry these fields; stratify by fields every prompt has"
+            )
+        chosen |= {id(p) for p in stratified_sample(group, limit, seed, key)}
+    if fields and not stratified:
+        raise RunError(
+            f"--stratify {','.join(fields)}: no subset of this suite has these fields (SORRY-Bench "
+            "eval has `category` and `prompt_style` when safeswitch/sorry-bench.jsonl is in the "
+            "data folder)"
+        )
     return [p for p in prompts if id(p) in chosen]
 
 

@@ -267,6 +267,7 @@ def evaluate(
         ],
         options.limit,
         options.seed,
+        options.stratify,
     )
     systems: list[str | None] = [artifact.settings.system_prompt]
     systems += [text for name, text in PROMPT_METHODS.items() if name in options.methods]
