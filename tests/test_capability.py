@@ -35,7 +35,7 @@ from safesteer.evaluation.capability_mmlu import (
     read_mmlu_csv,
 )
 from safesteer.evaluation.capability_xsum import rouge_f1, xsum, xsum_prompt
-from safesteer.methods.scans.decide import classify
+from safesteer.methods.scans.decide import classify, policy_coefficients
 from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.settings import ScansSettings
 
@@ -343,6 +343,25 @@ def test_scans_intervention_modes(lm: LoadedModel) -> None:
     assert scans_intervention(lm, artifact, "unsafe").coefficients(texts).tolist() == [1.0] * 3
     with pytest.raises(ValueError, match="2 coefficients for 3 texts"):
         Intervention({}, lambda t: torch.zeros(2)).coefficients(texts)
+
+
+@pytest.mark.parametrize("policy", ["away-only", "banded"])
+def test_scans_intervention_follows_the_artifacts_policy(lm: LoadedModel, policy: str) -> None:
+    settings = ScansSettings(0.5, "relative", (1, 2), (1, 2, 3), None)
+    fitted = fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)
+    texts = [*HARMFUL[:3], *BENIGN[:3]]
+    decisions = classify(lm, fitted, texts)
+    # banded: the band [T, toward) holds the middle score, so one row is left unsteered
+    scores = sorted(d.score for d in decisions)
+    toward = scores[-1] + 1.0 if policy == "away-only" else scores[-2]
+    artifact = fitted.with_settings(
+        policy=policy, threshold=scores[2], toward_threshold=toward if policy == "banded" else None
+    )
+    decisions = classify(lm, artifact, texts)
+    got = scans_intervention(lm, artifact).coefficients(texts).tolist()
+    assert got == policy_coefficients(artifact)(decisions).tolist()
+    assert 0.0 in got  # not SCANS' signed sigma, which is never 0
+    assert got != [float(d.sigma) for d in decisions]
 
 
 # ------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from safesteer.core.layout import Batch, ChatLayout
 from safesteer.core.steering import steering
 from safesteer.datasets.registry import dataset_path
 from safesteer.methods.scans.artifact import ScansArtifact
-from safesteer.methods.scans.decide import classify
+from safesteer.methods.scans.decide import classify, policy_coefficients
 
 __all__ = [
     "MMLU_LETTERS",
@@ -90,14 +90,15 @@ def scans_intervention(
     *,
     batch_size: int = 16,
 ) -> Intervention:
-    """SCANS steering: ``classify`` uses sigma of :func:`classify` on each text taken as a user
-    query (+1 unsafe, -1 safe); ``safe`` steers every row with -1, ``unsafe`` with +1."""
+    """SCANS steering: ``classify`` applies the artifact's steering policy (signed, away-only or
+    banded, as in generation) to :func:`classify` on each text taken as a user query; ``safe``
+    steers every row with -1, ``unsafe`` with +1."""
     vectors = artifact.steering_vectors()
     if mode == "classify":
+        rule = policy_coefficients(artifact)
 
         def by_classifier(texts: list[str]) -> torch.Tensor:
-            decisions = classify(lm, artifact, texts, batch_size=batch_size)
-            return torch.tensor([float(d.sigma) for d in decisions])
+            return rule(classify(lm, artifact, texts, batch_size=batch_size))
 
         return Intervention(vectors, by_classifier, "scans")
     if mode not in ("safe", "unsafe"):
