@@ -87,14 +87,27 @@ def compare(specs: list[str], judge: str, n_boot: int = 1000, seed: int = 0) -> 
     return table
 
 
+def _avg_cell(entry: dict[str, Any]) -> str:
+    """The pooled Table-2 Avg with its interval, or a dash where the method has no such rows."""
+    avg = entry.get("table2_avg")
+    if avg is None:
+        return "-"
+    low, high = entry["table2_avg_ci95"]
+    return f"{avg:.2f} [{low:.1f}, {high:.1f}] (n={entry['table2_n']})"
+
+
 def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
     """The comparison as a Markdown table (rates with 95 % intervals)."""
     methods = table["methods"]
     if subsets is None:
         seen = {s for m in methods.values() for s in m["subsets"]}
         subsets = [s for s in SCANS_TABLE2 if s in seen] + sorted(seen - set(SCANS_TABLE2))
-    head = "| method | " + " | ".join(subsets) + " | Table-2 Avg ↑ |"
-    lines = [head, "|---|" + "---:|" * (len(subsets) + 1)]
+    # The pooled Avg column only where some folder holds SCANS Table-2 subsets (not for a
+    # SafeSwitch suite, whose table would otherwise end in a column of dashes).
+    with_avg = any("table2_avg" in m for m in methods.values())
+    columns = [*subsets, "Table-2 Avg ↑"] if with_avg else subsets
+    head = "| method | " + " | ".join(columns) + " |"
+    lines = [head, "|---|" + "---:|" * len(columns)]
     for name, entry in methods.items():
         cells = []
         for subset in subsets:
@@ -107,11 +120,7 @@ def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
                 cells.append(
                     f"{cell['refusal']:.1f} [{low:.1f}, {high:.1f}] (n={cell['n']}{empty})"
                 )
-        avg = entry.get("table2_avg")
-        if avg is None:
-            cells.append("-")
-        else:
-            low, high = entry["table2_avg_ci95"]
-            cells.append(f"{avg:.2f} [{low:.1f}, {high:.1f}] (n={entry['table2_n']})")
+        if with_avg:
+            cells.append(_avg_cell(entry))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,61 @@
+"""``safesteer compare``: rates joined across folders; the Table-2 column only where it applies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safesteer.evaluation.compare import compare, markdown
+
+
+def _folder(root: Path, name: str, rows: list[tuple[str, str, str, bool]]) -> str:
+    """An eval folder whose responses.jsonl holds (method, subset, label, refused) rows."""
+    folder = root / name
+    folder.mkdir()
+    lines = [
+        json.dumps(
+            {
+                "method": method,
+                "id": i,
+                "subset": subset,
+                "label": label,
+                "prompt": f"p{i}",
+                "response": "r",
+                "judges": {"strict": refused},
+            }
+        )
+        for i, (method, subset, label, refused) in enumerate(rows)
+    ]
+    (folder / "responses.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder)
+
+
+def test_table2_subsets_get_the_pooled_avg_column(tmp_path: Path) -> None:
+    rows = [("scans", "xstest-safe", "safe", False), ("scans", "xstest-unsafe", "unsafe", True)]
+    rows += [("scans", "xstest-safe", "safe", True), ("scans", "xstest-unsafe", "unsafe", True)]
+    table = compare([_folder(tmp_path, "a", rows)], "strict", n_boot=50)
+    entry = table["methods"]["scans"]
+    assert entry["subsets"]["xstest-safe"]["refusal"] == 50.0
+    assert entry["table2_avg"] == 75.0  # 3 of 4 rows right
+    text = markdown(table)
+    assert "Table-2 Avg ↑" in text.splitlines()[0]
+    assert "75.00" in text
+
+
+def test_a_suite_without_table2_subsets_has_no_avg_column(tmp_path: Path) -> None:
+    rows = [("default", "sorry-bench-eval", "unsafe", False)] * 3
+    rows += [("safeswitch", "sorry-bench-eval", "unsafe", True)] * 3
+    table = compare([_folder(tmp_path, "a", rows)], "strict", n_boot=50)
+    lines = markdown(table).splitlines()
+    assert lines[0] == "| method | sorry-bench-eval |"
+    assert lines[1] == "|---|---:|"
+    assert lines[3].startswith("| safeswitch | 100.0")
+    assert all(line.count("|") == 3 for line in lines)
+
+
+def test_labels_prefix_methods_from_each_folder(tmp_path: Path) -> None:
+    one = _folder(tmp_path, "a", [("scans", "oktest", "safe", True)])
+    two = _folder(tmp_path, "b", [("scans", "oktest", "safe", False)])
+    table = compare([f"{one}=v1", f"{two}=v2"], "strict", n_boot=50)
+    assert table["methods"]["v1:scans"]["subsets"]["oktest"]["refusal"] == 100.0
+    assert table["methods"]["v2:scans"]["subsets"]["oktest"]["refusal"] == 0.0
