@@ -366,3 +366,62 @@ def test_render_table_and_subset_order() -> None:
     assert subset_order(
         ["zeta", "harmfulq", "malicious", "xstest-unsafe", "alpha", "repe-safe", "xstest-safe"]
     ) == ["xstest-safe", "xstest-unsafe", "repe-safe", "malicious", "harmfulq", "alpha", "zeta"]
+
+
+def test_example_responses_show_the_first_prompt_where_methods_differ(
+    full_run: tuple[Path, dict[str, Path]],
+) -> None:
+    run, paths = full_run
+    report = json.loads(paths["json"].read_text())
+    rows = [json.loads(line) for line in (run / "responses.jsonl").read_text().splitlines()]
+    verdict = {(r["method"], r["id"]): r["judges"]["paper"] for r in rows}
+    examples = {ex["subset"]: ex for ex in report["examples"]}
+    assert list(examples) == subset_order(s for s, _, _ in SUBSETS)
+    for subset, _, _ in SUBSETS:
+        ids = sorted({r["id"] for r in rows if r["subset"] == subset})
+        differ = [i for i in ids if verdict[("default", i)] != verdict[("scans", i)]]
+        ex = examples[subset]
+        assert ex["judge"] == "paper"
+        assert ex["id"] == (differ[0] if differ else ids[0])
+        assert ex["verdicts_differ"] is bool(differ)
+        assert [r["method"] for r in ex["responses"]] == ["default", "scans"]
+        assert {r["verdict"] for r in ex["responses"]} == (
+            {True, False} if differ else {verdict[("default", ids[0])]}
+        )
+    md = paths["markdown"].read_text()
+    section = md.split("## Example responses", 1)[1]
+    first = examples[subset_order(examples)[0]]
+    assert f"Prompt {first['id']} of {first['subset']}" in section
+    assert "- **scans** (" in section and "Response " in section
+
+
+def test_a_run_with_one_subset_shows_three_examples_differing_first(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "one")
+    rows = [json.loads(line) for line in (run / "responses.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["subset"] == "oktest"]
+    (run / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = json.loads(write_report(run)["json"].read_text())
+    verdict = {(r["method"], r["id"]): r["judges"]["paper"] for r in rows}
+    ids = sorted({r["id"] for r in rows})
+    differ = [i for i in ids if verdict[("default", i)] != verdict[("scans", i)]]
+    expected = (differ + [i for i in ids if i not in differ])[:3]
+    assert [ex["id"] for ex in report["examples"]] == expected
+    assert {ex["subset"] for ex in report["examples"]} == {"oktest"}
+
+
+def test_text_quality_counts_looping_replies_per_method_and_subset(tmp_path: Path) -> None:
+    run = _make_run(tmp_path / "loops")
+    rows = [json.loads(line) for line in (run / "responses.jsonl").read_text().splitlines()]
+    looped = [r for r in rows if r["method"] == "scans" and r["subset"] == "advbench"][:5]
+    for r in looped:
+        r["response"] = "Sure" + "\n\nI'm sorry" * 8
+    (run / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    paths = write_report(run)
+    quality = json.loads(paths["json"].read_text())["text_quality"]["methods"]
+    assert quality["scans"]["advbench"]["looping"] == 5
+    assert quality["scans"]["advbench"]["n"] == N_PER_SUBSET
+    assert quality["default"]["advbench"]["looping"] == 0
+    assert all(cell["looping"] == 0 for s, cell in quality["scans"].items() if s != "advbench")
+    md = paths["markdown"].read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| scans ") and "advbench" in x)
+    assert "5 (41.7 %)" in line

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     pass
+from safesteer.evaluation.metrics import is_looping
 from safesteer.evaluation.report.data import (
     _CAPABILITY_SETTINGS,
     _CAPABILITY_SKIP,
@@ -237,6 +238,74 @@ def _agreement_section(run: RunData, methods: Sequence[str]) -> dict[str, Any]:
     return {"rows": rows, "examples": examples}
 
 
+def _examples_section(run: RunData, methods: Sequence[str], judges: Sequence[str]) -> list[Any]:
+    """Per subset, the first prompts on which the methods' verdicts differ (under the first
+    judge), with every method's response: what a change of rate looks like in text. Prompts with
+    no difference fill the rest. One per subset, three when the run has one or two subsets."""
+    if not judges:
+        return []
+    judge = judges[0]
+    by_prompt: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for row in run.responses:
+        row_id = _int(row.get("id"))
+        if row_id is not None:
+            key = (str(row.get("subset")), row_id)
+            by_prompt.setdefault(key, {})[str(row.get("method"))] = row
+    candidates: dict[str, list[tuple[bool, int]]] = {}
+    for subset, row_id in sorted(by_prompt):
+        per = by_prompt[(subset, row_id)]
+        differ = len({_dict(r.get("judges")).get(judge) for r in per.values()}) > 1
+        candidates.setdefault(subset, []).append((differ, row_id))
+    per_subset = 3 if len(candidates) <= 2 else 1
+    out: list[dict[str, Any]] = []
+    for subset in subset_order(candidates):
+        picked = sorted(candidates[subset], key=lambda c: not c[0])[:per_subset]
+        for differ, row_id in picked:
+            per = by_prompt[(subset, row_id)]
+            first = next(iter(per.values()))
+            out.append(
+                {
+                    "subset": subset,
+                    "id": row_id,
+                    "label": first.get("label"),
+                    "verdicts_differ": differ,
+                    "judge": judge,
+                    "prompt": _excerpt(first.get("prompt"), 200),
+                    "responses": [
+                        {
+                            "method": m,
+                            "verdict": _dict(per[m].get("judges")).get(judge),
+                            "response": _excerpt(per[m].get("response"), 300),
+                        }
+                        for m in _ordered(methods, per)
+                    ],
+                }
+            )
+    return out
+
+
+def _text_quality_section(run: RunData, methods: Sequence[str]) -> dict[str, Any]:
+    """Per method and subset: replies, replies stuck in a loop, and mean words. A refusal rate
+    that moves because the text broke shows here."""
+    counts: dict[str, dict[str, list[int]]] = {}
+    for row in run.responses:
+        text = row.get("response")
+        if isinstance(text, str):
+            slot = counts.setdefault(str(row.get("method")), {}).setdefault(
+                str(row.get("subset")), [0, 0, 0]
+            )
+            slot[0] += 1
+            slot[1] += is_looping(text)
+            slot[2] += len(text.split())
+    out: dict[str, dict[str, Any]] = {}
+    for m in _ordered(methods, counts):
+        out[m] = {
+            s: {"n": n, "looping": loops, "mean_words": words / n}
+            for s, (n, loops, words) in counts[m].items()
+        }
+    return {"methods": out}
+
+
 def _utility_section(run: RunData, methods: Sequence[str]) -> dict[str, Any]:
     utility = run.summary.get("utility")
     out: dict[str, dict[str, Any]] = {}
@@ -322,6 +391,8 @@ def build_report(run: RunData) -> dict[str, Any]:
         "rates": {s["judge"]: s for s in sections if s is not None},
         "classifier": _classifier_section(run, methods),
         "agreement": _agreement_section(run, methods),
+        "examples": _examples_section(run, methods, judges),
+        "text_quality": _text_quality_section(run, methods),
         "utility": _utility_section(run, methods),
         "capability": _capability_section(run, methods),
         "notes": list(run.notes),

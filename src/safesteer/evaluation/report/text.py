@@ -318,6 +318,59 @@ def _agreement_markdown(report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _examples_markdown(report: Mapping[str, Any]) -> list[str]:
+    examples = report.get("examples") or []
+    if not examples:
+        return []
+    judge = examples[0]["judge"]
+    out = [
+        "## Example responses",
+        "",
+        f"Per subset, the first prompt whose verdicts (judge `{judge}`) differ between methods, "
+        "or the first prompt where none differ. Read them for text quality as well as refusals.",
+        "",
+    ]
+    for ex in examples:
+        where = ", ".join(str(x) for x in (ex["label"], f"#{ex['id']}") if x)
+        same = "" if ex["verdicts_differ"] else " (same verdict for every method)"
+        out.append(f"### {ex['subset']} ({where}){same}")
+        out += ["", f"Prompt: {_md_quote(ex['prompt'])}", ""]
+        for r in ex["responses"]:
+            out.append(
+                f"- **{r['method']}** ({_verdict_word(r['verdict'])}): {_md_quote(r['response'])}"
+            )
+        out.append("")
+    return out
+
+
+def _text_quality_markdown(report: Mapping[str, Any]) -> list[str]:
+    quality = report.get("text_quality", {}).get("methods") or {}
+    if not quality:
+        return []
+    subsets = subset_order(s for per in quality.values() for s in per)
+    table = []
+    for m, per in quality.items():
+        for s in subsets:
+            if s in per:
+                cell = per[s]
+                share = 100.0 * cell["looping"] / cell["n"] if cell["n"] else None
+                table.append(
+                    [
+                        m,
+                        s,
+                        str(cell["n"]),
+                        f"{cell['looping']} ({_fmt(share, 1)} %)",
+                        _fmt(cell["mean_words"], 1),
+                    ]
+                )
+    headers = ["Method", "Subset", "Replies", "Stuck in a loop", "Mean words"]
+    note = (
+        "A reply is stuck in a loop when one run of 3 words occurs 4 times or more and spans a "
+        "third of its words. Keyword judges may count such replies as refusals."
+    )
+    return ["## Text quality", "", render_table(headers, table), "", note, ""]
+
+
 def _md_quote(text: str | None) -> str:
     if not text:
         return "_(empty)_"
@@ -375,6 +428,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         )
     out += _classifier_markdown(report)
     out += _agreement_markdown(report)
+    out += _examples_markdown(report)
+    out += _text_quality_markdown(report)
     out += _utility_markdown(report)
     out += _capability_markdown(report)
     return "\n".join(out).rstrip() + "\n"
