@@ -501,3 +501,51 @@ def test_embedded_head_is_a_separate_tensor(embedded: LoadedModel) -> None:
     safeswitch_generate(lm, artifact, [BENIGN[0]], GenerationConfig(4))
     _assert_unchanged(lm, before)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(("arch", "use_cache"), [("llama", True), ("qwen2", False)])
+def test_head_repetition_penalty_acts_on_head_rows_only(
+    tiny_models: dict[str, LoadedModel], arch: str, use_cache: bool
+) -> None:
+    lm = tiny_models[arch]
+    artifact = _mixed(lm)
+    encoded = _encoded(lm, artifact)
+    config = GenerationConfig(max_new_tokens=12, use_cache=use_cache)
+    plain, decisions = switched_generate_ids(lm, artifact, encoded, config)
+    # a huge penalty: a token the head has written is never its argmax again
+    strict = artifact.with_settings(head_repetition_penalty=1e6)
+    penalised, again = switched_generate_ids(lm, strict, encoded, config)
+    keep = artifact.settings.switch_step
+    assert [d.flagged for d in again] == [d.flagged for d in decisions]
+    assert any(d.flagged for d in decisions)
+    for row, decision in enumerate(decisions):
+        if not decision.flagged:
+            assert penalised.token_ids[row] == plain.token_ids[row]
+            continue
+        head_tokens = penalised.token_ids[row][keep:]
+        assert len(head_tokens) == len(set(head_tokens)), head_tokens
+        assert penalised.token_ids[row][:keep] == plain.token_ids[row][:keep]
+    # always on: the first head token is not penalised, the rest never repeat
+    always, _ = switched_generate_ids(lm, strict, encoded, config, always_on=True)
+    for ids in always.token_ids:
+        assert len(ids) == len(set(ids))
+    # 1.0 is the plain head, and the batch still equals each row alone
+    assert (
+        switched_generate_ids(
+            lm, artifact.with_settings(head_repetition_penalty=1.0), encoded, config
+        )[0].token_ids
+        == plain.token_ids
+    )
+    for row, ids in enumerate(encoded):
+        alone = switched_generate_ids(lm, strict, [ids], config)[0]
+        assert alone.token_ids[0] == penalised.token_ids[row]
+
+
+def test_head_repetition_penalty_setting_round_trip_and_checks() -> None:
+    settings = SafeSwitchSettings(head_repetition_penalty=1.3)
+    assert SafeSwitchSettings.from_json(settings.to_json()) == settings
+    old = settings.to_json()
+    del old["head_repetition_penalty"]  # artifacts written before the setting existed
+    assert SafeSwitchSettings.from_json(old).head_repetition_penalty == 1.0
+    with pytest.raises(ValueError, match="head_repetition_penalty must be positive"):
+        SafeSwitchSettings(head_repetition_penalty=0.0)

@@ -98,7 +98,14 @@ class Switcher(TrackedHooks):
         self._stage2_state: torch.Tensor | None = None
         self._weight = artifact.refusal_weight(lm) if apply else None
         self._bias = head_bias(lm)
+        self._penalty = self.settings.head_repetition_penalty
+        self._fed_ids: torch.Tensor | None = None  # token ids of the current forward
+        self._head_seen: torch.Tensor | None = None  # [rows, vocab] tokens the head wrote
         super().__init__(lm.model)
+        if apply and self._penalty != 1.0:
+            self._handles.append(
+                lm.model.get_input_embeddings().register_forward_hook(self._ids_hook)
+            )
         last = lm.num_layers - 1
         if not always_on:
             for layer in sorted({self.layer, last}):
@@ -150,6 +157,24 @@ class Switcher(TrackedHooks):
         self.stage2_prob = p2
         self.flagged = fired & (p2 >= threshold2)
 
+    def _ids_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._fed_ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
+
+    def _penalise_repeats(self, refusal: torch.Tensor, rows: torch.Tensor, step: int) -> None:
+        """Record the token the head wrote last step (fed in this forward) and apply the
+        repetition penalty to every token the head has written in each flagged row."""
+        if self._head_seen is None:
+            self._head_seen = torch.zeros(
+                self.rows, refusal.shape[-1], dtype=torch.bool, device=refusal.device
+            )
+        if step > self.switch_step and self._fed_ids is not None:
+            last = self._fed_ids[:, -1].to(refusal.device)
+            flagged_rows = rows.nonzero(as_tuple=True)[0].to(refusal.device)
+            self._head_seen[flagged_rows, last[flagged_rows]] = True
+        seen = self._head_seen[rows.to(refusal.device)]
+        penalised = torch.where(refusal > 0, refusal / self._penalty, refusal * self._penalty)
+        refusal.copy_(torch.where(seen, penalised, refusal))
+
     def _head_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         step = generated_count(self._tracker, self.prompt_width)
         if step < self.switch_step:
@@ -168,6 +193,8 @@ class Switcher(TrackedHooks):
         # (under device_map=auto the hook may see the input before it is moved to the head)
         rows = flagged.to(head_input.device)
         refusal = F.linear(head_input[rows].to(weight.device), weight, self._bias)
+        if self._penalty != 1.0:
+            self._penalise_repeats(refusal[:, -1, :], rows, step)
         logits = output.clone()
         logits[rows.to(logits.device)] = refusal.to(logits.device, logits.dtype)
         return logits

@@ -39,12 +39,18 @@ class SafeSwitchSettings:
     # scans+safeswitch steers a row away from refusal only when stage 1's P(harmful) is below
     # this (chosen at fit time on the validation split's harmful rows); None: threshold1.
     steer_below: float | None = None
+    # Repetition penalty (CTRL-style) on the refusal head's logits, for the tokens the head has
+    # already written in that row; 1.0: none. The head is the LM head alone and can fall into
+    # loops ("I'm sorry\n\nI'm sorry ..."); unflagged rows are never penalised.
+    head_repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown SafeSwitch mode {self.mode!r}; use two-stage or direct")
         if self.n_decode < 0:
             raise ValueError("n_decode must be at least 0")
+        if not self.head_repetition_penalty > 0:
+            raise ValueError("head_repetition_penalty must be positive (1.0: no penalty)")
 
     @property
     def switch_step(self) -> int:
@@ -67,6 +73,7 @@ class SafeSwitchSettings:
             threshold2=None if t2 is None else float(t2),
             system_prompt=data.get("system_prompt"),
             steer_below=None if data.get("steer_below") is None else float(data["steer_below"]),
+            head_repetition_penalty=float(data.get("head_repetition_penalty", 1.0)),
         )
 
     @property
