@@ -61,7 +61,7 @@ def stop_token_ids(lm: LoadedModel) -> list[int]:
     return sorted(ids)
 
 
-def _penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Repetition penalty as in CTRL / transformers: divide positive, multiply negative logits."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
@@ -97,7 +97,7 @@ def decode_loop(
     steps: list[torch.Tensor] = []
     for step in range(config.max_new_tokens):
         if seen is not None:
-            logits = _penalise(logits, seen, config.repetition_penalty)
+            logits = penalise_seen(logits, seen, config.repetition_penalty)
         token = logits.argmax(dim=-1)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         steps.append(token)

@@ -326,8 +326,9 @@ def _examples_markdown(report: Mapping[str, Any]) -> list[str]:
     out = [
         "## Example responses",
         "",
-        f"Per subset, the first prompt whose verdicts (judge `{judge}`) differ between methods, "
-        "or the first prompt where none differ. Read them for text quality as well as refusals.",
+        f"Per subset, the first prompts whose verdicts (judge `{judge}`) differ between methods, "
+        "then the first prompts where none differ (one per subset, three when the run has one or "
+        "two subsets). Read them for text quality as well as refusals.",
         "",
     ]
     for ex in examples:

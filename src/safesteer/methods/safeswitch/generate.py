@@ -31,6 +31,7 @@ from safesteer.core.generation import (
     GenerationConfig,
     generate_ids,
     length_sorted_batches,
+    penalise_seen,
 )
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
@@ -172,8 +173,7 @@ class Switcher(TrackedHooks):
             flagged_rows = rows.nonzero(as_tuple=True)[0].to(refusal.device)
             self._head_seen[flagged_rows, last[flagged_rows]] = True
         seen = self._head_seen[rows.to(refusal.device)]
-        penalised = torch.where(refusal > 0, refusal / self._penalty, refusal * self._penalty)
-        refusal.copy_(torch.where(seen, penalised, refusal))
+        refusal.copy_(penalise_seen(refusal, seen, self._penalty))
 
     def _head_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         step = generated_count(self._tracker, self.prompt_width)
