@@ -22,6 +22,16 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _quantiles(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"cannot read {text!r}; write e.g. 0.5,0.25,0.1,0") from None
+    if any(not (0 <= v <= 1) for v in values):
+        raise typer.BadParameter("cap quantiles lie between 0 and 1, e.g. 0.5,0.25,0.1,0")
+    return values
+
+
 def calibrate_command(
     out: Annotated[Path, typer.Option(help="Artifact folder to write (calibrated recipe).")],
     model: Annotated[
@@ -41,8 +51,19 @@ def calibrate_command(
         float, typer.Option(help="Largest rise of plain-prompt refusal allowed (points).")
     ] = 2.0,
     fluency_budget: Annotated[
-        float, typer.Option(help="Largest relative rise of plain-answer perplexity allowed.")
+        float,
+        typer.Option(
+            help="Largest relative rise of perplexity allowed, on the model's own plain answers "
+            "and on reference text (MMLU dev questions with their answers)."
+        ),
     ] = 0.10,
+    cap_quantiles: Annotated[
+        str,
+        typer.Option(
+            help="Clamped away-steering: caps at these quantiles of the answered safe prompts' "
+            "projections on the direction ('' = additive steering only)."
+        ),
+    ] = "0.5,0.25,0.1,0",
     gen_tokens: Annotated[int, typer.Option(help="Tokens per validation reply.")] = 24,
     anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
@@ -55,7 +76,7 @@ def calibrate_command(
     model on 2 CPU cores. Stages are cached in the work folder, so a rerun continues."""
     from safesteer.core.errors import ModelLoadError
     from safesteer.datasets import DatasetError, draw_anchors
-    from safesteer.datasets.validation import validation_set
+    from safesteer.datasets.validation import fluency_text, validation_set
     from safesteer.evaluation.calibration_report import write_calibration_report
     from safesteer.methods.artifacts import ArtifactError
     from safesteer.methods.scans.calibrate import CalibrationConfig, Calibrator, settings_summary
@@ -69,6 +90,7 @@ def calibrate_command(
         unsafe_budget=unsafe_budget,
         plain_budget=plain_budget,
         fluency_budget=fluency_budget,
+        cap_quantiles=_quantiles(cap_quantiles),
         gen_tokens=gen_tokens,
         batch_size=batch_size,
         seed=seed,
@@ -78,6 +100,7 @@ def calibrate_command(
     try:
         validation = validation_set(data_dir, seed)
         anchors = draw_anchors(anchor_size, seed, data_dir)
+        text = fluency_text(data_dir)
         with err.status("Loading model"):
             lm = load_model(model, dtype=dtype, device=device)
         calibrator = Calibrator(
@@ -90,6 +113,7 @@ def calibrate_command(
             progress=lambda msg: err.print(
                 f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"
             ),
+            fluency_text=text,
         )
         artifact, calibration = calibrator.run()
     except (ModelLoadError, DatasetError, ArtifactError, ValueError) as exc:

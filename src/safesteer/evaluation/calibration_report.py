@@ -25,6 +25,13 @@ def _plot_gate(gate: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _steer_label(row: dict[str, Any]) -> str:
+    """``0.1`` for additive steering, ``clamp q0.1`` for a clamp at that quantile."""
+    if row.get("away_mode", "add") == "clamp":
+        return f"clamp q{row['cap_quantile']}"
+    return str(row["alpha"])
+
+
 def _plot_screen(screen: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for direction in sorted({r["direction"] for r in screen}):
@@ -37,7 +44,7 @@ def _plot_screen(screen: list[dict[str, Any]], path: Path) -> None:
         )
         for r in rows:
             ax.annotate(
-                f"{r['layers'][0]}-{r['layers'][-1]}@{r['alpha']}",
+                f"{r['layers'][0]}-{r['layers'][-1]}@{_steer_label(r)}",
                 (r["plain_ppl_ratio"], r["refusal_logprob_drop"]),
                 fontsize=5,
             )
@@ -112,17 +119,28 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
         "",
         "## Direction, layers, alpha",
         f"- chosen: direction `{chosen['direction']}`, layers {chosen['layers']}, "
-        f"alpha {chosen['alpha']} (relative to the residual norm)",
+        f"away from refusal: {_steer_label(chosen['screen'])}"
+        + (
+            " (additive, relative to the residual norm)"
+            if chosen.get("away_mode") != "clamp"
+            else f" (projection capped at that quantile of the answered safe prompts'); towards "
+            f"refusal: alpha {chosen['alpha']}"
+        ),
         f"- refusal log-prob drop {chosen['screen']['refusal_logprob_drop']:.3f}/token, "
-        f"plain-answer perplexity ratio {chosen['screen']['plain_ppl_ratio']:.3f}",
+        f"plain-answer perplexity ratio {chosen['screen']['plain_ppl_ratio']:.3f}, "
+        f"reference-text perplexity ratio {chosen['screen'].get('text_ppl_ratio', 1.0):.3f}",
         "",
-        "| direction | layers | alpha | refusal log-prob drop | plain ppl ratio |",
-        "|---|---|---:|---:|---:|",
+        "| direction | layers | away steering | refusal log-prob drop | plain ppl ratio | "
+        "text ppl ratio |",
+        "|---|---|---|---:|---:|---:|",
     ]
-    for r in sorted(calibration["screen"], key=lambda r: -r["refusal_logprob_drop"])[:15]:
+    for r in sorted(calibration["screen"], key=lambda r: -r["refusal_logprob_drop"])[:20]:
+        text_ratio = r.get("text_ppl_ratio")
         lines.append(
-            f"| {r['direction']} | {r['layers'][0]}-{r['layers'][-1]} | {r['alpha']} | "
-            f"{r['refusal_logprob_drop']:.3f} | {r['plain_ppl_ratio']:.3f} |"
+            f"| {r['direction']} | {r['layers'][0]}-{r['layers'][-1]} | {_steer_label(r)} | "
+            f"{r['refusal_logprob_drop']:.3f} | {r['plain_ppl_ratio']:.3f} | "
+            + ("" if text_ratio is None else f"{text_ratio:.3f}")
+            + " |"
         )
     lines += [
         "",

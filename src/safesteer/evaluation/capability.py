@@ -66,6 +66,7 @@ class Intervention:
     vectors: dict[int, torch.Tensor]  # layer -> scaled vector (ScansArtifact.steering_vectors())
     coefficient: Callable[[list[str]], torch.Tensor]  # per-row coefficient for a batch of texts
     name: str = "scans"
+    caps: dict[int, float] | None = None  # clamped away-steering (ScansArtifact.steering_caps())
 
     def coefficients(self, texts: Sequence[str]) -> torch.Tensor:
         """The coefficient of every text as a float32 CPU tensor, checked for shape."""
@@ -79,8 +80,12 @@ class Intervention:
         return values
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description: name and steered layers."""
-        return {"name": self.name, "layers": sorted(int(layer) for layer in self.vectors)}
+        """JSON-ready description: name, steered layers and how rows are steered away."""
+        return {
+            "name": self.name,
+            "layers": sorted(int(layer) for layer in self.vectors),
+            "away": "clamp" if self.caps else "add",
+        }
 
 
 def scans_intervention(
@@ -93,14 +98,14 @@ def scans_intervention(
     """SCANS steering: ``classify`` applies the artifact's steering policy (signed, away-only or
     banded, as in generation) to :func:`classify` on each text taken as a user query; ``safe``
     steers every row with -1, ``unsafe`` with +1."""
-    vectors = artifact.steering_vectors()
+    vectors, caps = artifact.steering_vectors(), artifact.steering_caps()
     if mode == "classify":
         rule = policy_coefficients(artifact)
 
         def by_classifier(texts: list[str]) -> torch.Tensor:
             return rule(classify(lm, artifact, texts, batch_size=batch_size))
 
-        return Intervention(vectors, by_classifier, "scans")
+        return Intervention(vectors, by_classifier, "scans", caps)
     if mode not in ("safe", "unsafe"):
         raise ValueError(f"unknown SCANS mode {mode!r}; use classify, safe or unsafe")
     value = -1.0 if mode == "safe" else 1.0
@@ -108,7 +113,7 @@ def scans_intervention(
     def constant(texts: list[str]) -> torch.Tensor:
         return torch.full((len(texts),), value)
 
-    return Intervention(vectors, constant, f"scans-{mode}")
+    return Intervention(vectors, constant, f"scans-{mode}", caps)
 
 
 class _CoefficientLog:
@@ -129,7 +134,7 @@ class _CoefficientLog:
             return nullcontext()
         coefficients = intervention.coefficients(texts)
         self.values.extend(float(c) for c in coefficients)
-        return steering(lm, intervention.vectors, coefficients, start_column)
+        return steering(lm, intervention.vectors, coefficients, start_column, intervention.caps)
 
     def summary(self) -> dict[str, Any] | None:
         if not self.values:

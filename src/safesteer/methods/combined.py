@@ -95,7 +95,7 @@ def combined_batch(
         coefficients = torch.where(benign, -1.0, 0.0).cpu()
         rollback(cache, 1)
         step = Batch(batch.input_ids[:, -1:], batch.attention_mask, batch.position_ids[:, -1:])
-        with steering(lm, scans.steering_vectors(), coefficients, width - 1):
+        with steering(lm, scans.steering_vectors(), coefficients, width - 1, scans.steering_caps()):
             out = forward(lm, step, past_key_values=cache, use_cache=True)
             first = out.logits[:, -1, :].float()
             generated = decode_loop(lm, batch, first, cache, config, on_step)

@@ -40,10 +40,19 @@ class ScansArtifact:
     model_fingerprint: dict[str, Any]
     calibration: dict[str, Any] = field(default_factory=dict)
     probe: ProbeGate | None = None
+    # [num_layers] projection caps on the unit vectors for away_mode "clamp" (NaN: no cap)
+    caps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.settings.gate == "probe" and self.probe is None:
             raise ArtifactError("a SCANS artifact with gate 'probe' needs its probe tensors")
+        if self.settings.away_mode == "clamp":
+            layers = list(self.settings.steer_layers)
+            if self.caps is None or not bool(torch.isfinite(self.caps[layers]).all()):
+                raise ArtifactError(
+                    "a SCANS artifact with away_mode 'clamp' needs a finite projection cap for "
+                    "every steering layer (tensor `caps`); recalibrate with `safesteer calibrate`"
+                )
 
     def layer_alpha(self, layer: int) -> float:
         """The norm added at ``layer``: alpha, or alpha times the layer's mean residual norm."""
@@ -57,6 +66,16 @@ class ScansArtifact:
         return {
             layer: self.layer_alpha(layer) * source[layer] for layer in self.settings.steer_layers
         }
+
+    def steering_caps(self, direction: torch.Tensor | None = None) -> dict[int, float] | None:
+        """Per-layer projection caps for clamped away-steering, or None (additive steering).
+
+        Caps belong to the artifact's own vectors: another direction (the random control) is
+        steered additively with the same alpha.
+        """
+        if self.settings.away_mode != "clamp" or direction is not None or self.caps is None:
+            return None
+        return {layer: float(self.caps[layer]) for layer in self.settings.steer_layers}
 
     def with_settings(self, **changes: Any) -> ScansArtifact:
         """A copy with some settings replaced (e.g. ``alpha=2.0``).
@@ -96,6 +115,8 @@ class ScansArtifact:
         }
         if self.probe is not None:
             tensors.update(self.probe.tensors())
+        if self.caps is not None:
+            tensors["caps"] = self.caps
         return save_artifact(directory, "scans", tensors, manifest)
 
     @classmethod
@@ -127,4 +148,5 @@ class ScansArtifact:
             model_fingerprint=fingerprint,
             calibration=manifest.get("calibration", {}),
             probe=probe,
+            caps=tensors.get("caps"),
         )

@@ -83,6 +83,11 @@ class CalibrationConfig:
     batch_size: int = 16
     seed: int = 0
     screen_rows: int = 24  # over-refused safe prompts / plain prompts used for screening
+    # clamped away-steering: caps at these quantiles of the answered safe validation prompts'
+    # projections on the direction (lower = stronger); empty = additive steering only
+    cap_quantiles: tuple[float, ...] = (0.5, 0.25, 0.1, 0.0)
+    text_windows: int = 12  # windows of the fluency text (MMLU dev) scored per candidate
+    text_window: int = 512
 
 
 @dataclass
@@ -114,8 +119,10 @@ class Calibrator:
         out: Path,
         config: CalibrationConfig | None = None,
         progress: Progress | None = None,
+        fluency_text: str | None = None,
     ) -> None:
         self.lm = lm
+        self.fluency_text = fluency_text
         self.harmful_anchors = list(harmful_anchors)
         self.benign_anchors = list(benign_anchors)
         self.validation = list(validation)
@@ -170,17 +177,31 @@ class Calibrator:
         return responses
 
     # stage 4 ---------------------------------------------------------------------------------
+    def _text_ids(self) -> tuple[list[list[int]], list[list[int]]] | None:
+        """Windows of the fluency text as (first token, rest) pairs: every position steered."""
+        if not self.fluency_text:
+            return None
+        ids = self.lm.tokenizer(self.fluency_text, add_special_tokens=False)["input_ids"]
+        size = self.config.text_window
+        chunks = [ids[i : i + size] for i in range(0, len(ids), size)][: self.config.text_windows]
+        chunks = [c for c in chunks if len(c) >= 2]
+        return [c[:1] for c in chunks], [c[1:] for c in chunks]
+
     def screen(
         self,
         base: ScansArtifact,
         directions: dict[str, torch.Tensor],
         default_replies: list[str],
         refused: np.ndarray,
+        last_states: torch.Tensor,
     ) -> list[dict[str, Any]]:
-        """Refusal log-prob drop and fluency cost for every direction x window x alpha."""
+        """Refusal log-prob drop and fluency cost for every direction x window x alpha, and for
+        clamped away-steering at several caps (``last_states``: validation states at ``p``)."""
         path = self.out / "screen.json"
         if path.exists():
-            return list(json.loads(path.read_text()))
+            cached = list(json.loads(path.read_text()))
+            if all("text_ppl_ratio" in r for r in cached):
+                return cached
         layout = ChatLayout(self.lm.tokenizer)
         safe = np.asarray([lab == "safe" for lab in self.labels])
         kinds = [p.meta.get("kind") for p in self.validation]
@@ -193,37 +214,58 @@ class Calibrator:
                 "calibration needs over-refused safe and answered plain validation prompts; "
                 f"found {len(over)} and {len(plain)}: this model may not over-refuse at all"
             )
+        answered = torch.from_numpy(safe & ~refused)
 
         def ids(rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
             prompts = [layout.prompt_ids(self.texts[i]) for i in rows]
             replies = [layout.reply_ids(default_replies[i]) for i in rows]
             return prompts, replies
 
-        over_ids, plain_ids = ids(over), ids(plain)
+        over_ids, plain_ids, text_ids = ids(over), ids(plain), self._text_ids()
         bs = self.config.batch_size
         base_over = reply_logprobs(self.lm, *over_ids, batch_size=bs)
         base_plain = reply_logprobs(self.lm, *plain_ids, batch_size=bs)
+        base_text = None if text_ids is None else reply_logprobs(self.lm, *text_ids, batch_size=2)
         rows: list[dict[str, Any]] = []
 
-        def measure(name: str, window: tuple[int, ...], alpha: float) -> dict[str, Any]:
+        def measure(
+            name: str, window: tuple[int, ...], alpha: float, quantile: float | None = None
+        ) -> dict[str, Any]:
             vectors = {
                 layer: alpha * float(base.layer_norms[layer]) * directions[name][layer]
                 for layer in window
             }
-            lp_over = reply_logprobs(self.lm, *over_ids, vectors, -1.0, bs)
-            lp_plain = reply_logprobs(self.lm, *plain_ids, vectors, -1.0, bs)
+            caps = None
+            if quantile is not None:
+                caps = {
+                    layer: projection_cap(
+                        last_states[answered, layer], directions[name][layer], quantile
+                    )
+                    for layer in window
+                }
+            lp_over = reply_logprobs(self.lm, *over_ids, vectors, -1.0, bs, caps)
+            lp_plain = reply_logprobs(self.lm, *plain_ids, vectors, -1.0, bs, caps)
+            text_ratio = 1.0
+            if text_ids is not None and base_text is not None:
+                lp_text = reply_logprobs(self.lm, *text_ids, vectors, -1.0, 2, caps)
+                text_ratio = float(math.exp(float(np.mean(base_text - lp_text))))
             row = {
                 "direction": name,
                 "layers": list(window),
                 "alpha": alpha,
+                "away_mode": "add" if caps is None else "clamp",
+                "cap_quantile": quantile,
+                "caps": None if caps is None else [caps[layer] for layer in window],
                 "refusal_logprob_drop": float(np.mean(base_over - lp_over)),
                 "plain_ppl_ratio": float(math.exp(float(np.mean(base_plain - lp_plain)))),
+                "text_ppl_ratio": text_ratio,
             }
             rows.append(row)
             return row
 
-        # Stage A: every direction x window at the middle alpha; stage B: the alpha sweep for
-        # the best two (direction, window) pairs that stay fluent.
+        # Stage A: every direction x window at the middle alpha (additive); stage B: for the best
+        # two (direction, window) pairs whose plain answers stay fluent, the alpha sweep and the
+        # clamp caps.
         cfg = self.config
         middle = sorted(cfg.alphas)[len(cfg.alphas) // 2]
         spans = windows(self.lm.num_layers, cfg.window, cfg.window_stride)
@@ -237,11 +279,14 @@ class Calibrator:
             ),
             reverse=True,
         )
-        self.say("sweeping alpha for the two best pairs")
+        self.say("sweeping alpha and the clamp caps for the two best pairs")
         for row in ranked[:2]:
+            pair = (row["direction"], tuple(row["layers"]))
             for alpha in cfg.alphas:
                 if alpha != middle:
-                    measure(row["direction"], tuple(row["layers"]), alpha)
+                    measure(*pair, alpha)
+            for quantile in cfg.cap_quantiles:
+                measure(*pair, middle, quantile)
         _save_json(path, rows)
         return rows
 
@@ -301,15 +346,17 @@ class Calibrator:
         own = refusal_direction(last, self.labels, refused.tolist())
         if own is not None:
             directions["refusal"] = own
-        screen = self.screen(base, directions, default_replies, refused)
-        fluent = [r for r in screen if r["plain_ppl_ratio"] <= 1.0 + cfg.fluency_budget]
-        if not fluent:
-            raise ValueError("no candidate keeps plain-answer perplexity within the budget")
-        best = max(fluent, key=lambda r: r["refusal_logprob_drop"])
+        screen = self.screen(base, directions, default_replies, refused, last)
+        best, toward_alpha = choose_steering(screen, cfg.fluency_budget)
         direction = directions[best["direction"]]
+        caps = None
+        if best["away_mode"] == "clamp":
+            caps = torch.full((lm.num_layers,), float("nan"))
+            for layer, cap in zip(best["layers"], best["caps"], strict=True):
+                caps[layer] = float(cap)
         settings = replace(
             base.settings,
-            alpha=float(best["alpha"]),
+            alpha=toward_alpha,
             alpha_mode="relative",
             steer_layers=tuple(best["layers"]),
             recipe="calibrated",
@@ -317,8 +364,9 @@ class Calibrator:
             probe_layers=choice.layers,
             probe_kind=choice.kind,
             threshold=0.5,
+            away_mode=best["away_mode"],
         )
-        candidate = replace(base, vectors=direction, settings=settings, probe=probe)
+        candidate = replace(base, vectors=direction, settings=settings, probe=probe, caps=caps)
         away = self.replies("away", candidate, -1.0)
         toward = self.replies("toward", candidate, 1.0)
         refused_away = np.asarray([is_refusal_strict(r) for r in away], dtype=bool)
@@ -347,7 +395,9 @@ class Calibrator:
         chosen = {
             "direction": best["direction"],
             "layers": best["layers"],
-            "alpha": best["alpha"],
+            "alpha": toward_alpha,
+            "away_mode": best["away_mode"],
+            "cap_quantile": best.get("cap_quantile"),
             "screen": best,
             "policy": policy,
             "threshold": picks[policy]["threshold"],
@@ -396,6 +446,45 @@ class Calibrator:
         }
         _save_json(self.out / "calibration.json", asdict(calibration))
         return final, calibration
+
+
+def projection_cap(states: torch.Tensor, direction: torch.Tensor, quantile: float) -> float:
+    """The ``quantile`` of ``states``' projections on the unit ``direction`` (a clamp's cap)."""
+    unit = direction.float() / direction.float().norm().clamp_min(1e-12)
+    return float(torch.quantile(states.float() @ unit, quantile))
+
+
+def choose_steering(screen: list[dict[str, Any]], budget: float) -> tuple[dict[str, Any], float]:
+    """The screened candidate with the largest refusal drop whose plain answers *and* reference
+    text stay within the fluency budget, and the alpha for steering towards refusal.
+
+    A clamp has no alpha of its own: rows steered towards refusal use the additive alpha of the
+    same direction and layers with the largest refusal drop whose plain answers stay fluent
+    (those rows should refuse, so reference-text fluency does not bind them).
+    """
+    limit = 1.0 + budget
+    fluent = [
+        r for r in screen if r["plain_ppl_ratio"] <= limit and r.get("text_ppl_ratio", 1.0) <= limit
+    ]
+    if not fluent:
+        raise ValueError(
+            "no screened candidate keeps plain-answer and reference-text perplexity within the "
+            f"fluency budget (+{budget:.0%}); raise --fluency-budget or add lower alphas"
+        )
+    best = max(fluent, key=lambda r: r["refusal_logprob_drop"])
+    if best.get("away_mode", "add") == "add":
+        return best, float(best["alpha"])
+    same_pair = [
+        r
+        for r in screen
+        if r.get("away_mode", "add") == "add"
+        and r["direction"] == best["direction"]
+        and r["layers"] == best["layers"]
+        and r["plain_ppl_ratio"] <= limit
+    ]
+    pool = same_pair or [r for r in screen if r.get("away_mode", "add") == "add"]
+    toward = max(pool, key=lambda r: (r["plain_ppl_ratio"] <= limit, r["refusal_logprob_drop"]))
+    return best, float(toward["alpha"])
 
 
 def _texts_sha(texts: Sequence[str]) -> str:

@@ -89,6 +89,12 @@ def from_scans(
     """
     if sign not in SIGNS:
         raise ControlVectorError(f"sign {sign!r} must be away or toward")
+    if sign == "away" and artifact.settings.away_mode == "clamp":
+        raise ControlVectorError(
+            "this artifact steers away from refusal by clamping the projection on its vectors "
+            "(away_mode clamp), which a llama.cpp control vector (a fixed addition) cannot "
+            "express; export the toward sign, or an artifact with away_mode add"
+        )
     chosen = list(artifact.settings.steer_layers if layers is None else layers)
     num_layers = int(artifact.vectors.shape[0])
     bad = [layer for layer in chosen if not 0 <= layer < num_layers]

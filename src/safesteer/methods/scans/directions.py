@@ -80,9 +80,11 @@ def reply_logprobs(
     vectors: dict[int, torch.Tensor] | None = None,
     coefficient: float = 0.0,
     batch_size: int = 16,
+    caps: dict[int, float] | None = None,
 ) -> np.ndarray:
     """Mean log-probability per token of each reply after its prompt, optionally steered
-    (``coefficient * vector`` from the last prompt token on, as in generation)."""
+    (``coefficient * vector`` from the last prompt token on, as in generation; with ``caps``,
+    a negative coefficient clamps the projection instead, see :mod:`safesteer.core.steering`)."""
     from safesteer.core.steering import steering
 
     pad_id = int(lm.tokenizer.pad_token_id)
@@ -99,7 +101,7 @@ def reply_logprobs(
         # Only the last width_r + 1 columns' logits are needed (the LM head dominates otherwise).
         keep = reply_mask.shape[1] + 1
         extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(lm.model) else {}
-        with steering(lm, vectors or {}, coefficients, width_p - 1):
+        with steering(lm, vectors or {}, coefficients, width_p - 1, caps):
             logits = forward(lm, batch, last_logits_only=False, use_cache=False, **extra).logits
         logp = torch.log_softmax(logits[:, -keep:-1].float(), dim=-1)
         targets = batch.input_ids[:, width_p:]

@@ -68,7 +68,8 @@ def _fused_batch(
         batch.position_ids[:, : last_column + 1],
     )
     step = Batch(prompt.input_ids[:, -1:], prompt.attention_mask, prompt.position_ids[:, -1:])
-    with steering(lm, artifact.steering_vectors(direction), coefficients(decisions), last_column):
+    vectors, caps = artifact.steering_vectors(direction), artifact.steering_caps(direction)
+    with steering(lm, vectors, coefficients(decisions), last_column, caps):
         out = forward(lm, step, past_key_values=cache, use_cache=True)
         generated = decode_loop(lm, prompt, out.logits[:, -1, :].float(), cache, config, on_step)
     return decisions, generated
@@ -84,6 +85,8 @@ def check_steerable(artifact: ScansArtifact, direction: torch.Tensor | None = No
     layers = list(settings.steer_layers)
     tensors = {"refusal vectors": artifact.vectors[layers], "reference": artifact.reference}
     tensors["layer norms"] = artifact.layer_norms[layers]
+    if artifact.caps is not None and settings.away_mode == "clamp":
+        tensors["projection caps"] = artifact.caps[layers]
     if direction is not None:
         tensors["direction"] = direction[layers]
     bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
@@ -164,7 +167,13 @@ def scans_generate_two_pass(
     for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
         width = max(len(encoded[i]) for i in indices)
         batch_decisions = [decisions[i] for i in indices]
-        with steering(lm, artifact.steering_vectors(), coefficients(batch_decisions), width - 1):
+        with steering(
+            lm,
+            artifact.steering_vectors(),
+            coefficients(batch_decisions),
+            width - 1,
+            artifact.steering_caps(),
+        ):
             generated = generate_ids(lm, [encoded[i] for i in indices], config)
         for i, r in zip(
             indices,

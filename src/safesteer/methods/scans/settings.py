@@ -11,6 +11,8 @@ from safesteer.methods.scans.gate import FEATURE_KINDS, FeatureKind
 AlphaMode = Literal["absolute", "relative"]
 Gate = Literal["transition", "probe"]
 Policy = Literal["signed", "away-only", "banded"]
+AwayMode = Literal["add", "clamp"]
+AWAY_MODES: tuple[AwayMode, ...] = ("add", "clamp")
 GATES: tuple[Gate, ...] = ("transition", "probe")
 POLICIES: tuple[Policy, ...] = ("signed", "away-only", "banded")
 
@@ -42,6 +44,10 @@ class ScansSettings:
     # The classification layers T was calibrated (or chosen) on; None in older artifacts, where it
     # is ``cls_layers``. A transition-gate T is only valid for these layers.
     threshold_layers: tuple[int, ...] | None = None
+    # How rows are steered away from refusal: "add" (the paper's -alpha * v) or "clamp" (the
+    # projection on v capped at the artifact's per-layer ``caps``; ordinary text below the cap is
+    # left alone). Steering towards refusal always adds +alpha * v.
+    away_mode: AwayMode = "add"
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -87,6 +93,7 @@ class ScansSettings:
                 if data.get("threshold_layers") is None
                 else tuple(int(i) for i in data["threshold_layers"])
             ),
+            away_mode=_choice(data.get("away_mode", "add"), AWAY_MODES, "away_mode"),
         )
 
 
