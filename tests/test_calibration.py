@@ -269,7 +269,13 @@ def test_written_validation_prompts() -> None:
     prompts = written_prompts()
     kinds = {p.meta["kind"] for p in prompts}
     assert kinds == {"scary-benign", "plain", "harmful"}
-    assert len(prompts) >= 300
+    assert len(prompts) >= 600
+    # the second batch: every category has safe prompts and harmful contrasts
+    by_category: dict[str, set[str]] = {}
+    for p in prompts:
+        if "category" in p.meta:
+            by_category.setdefault(p.meta["category"], set()).add(p.label)
+    assert len(by_category) == 9 and all(v == {"safe", "unsafe"} for v in by_category.values())
     assert {p.label for p in prompts if p.meta["kind"] == "harmful"} == {"unsafe"}
     assert {p.label for p in prompts if p.meta["kind"] != "harmful"} == {"safe"}
     keys = [normalise(p.text) for p in prompts]

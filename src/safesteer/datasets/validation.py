@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from safesteer.datasets.loaders import load_test_set
@@ -23,6 +23,9 @@ from safesteer.datasets.readers import Prompt
 from safesteer.datasets.registry import BUNDLED_DIR, DatasetError, dataset_path
 
 WRITTEN_FILE = BUNDLED_DIR / "validation" / "written.jsonl"
+# The second batch: scary-but-safe prompts in nine categories, each with harmful contrasts that
+# share its alarming words (``category`` in meta).
+WRITTEN_FILES: tuple[Path, ...] = (WRITTEN_FILE, BUNDLED_DIR / "validation" / "written2.jsonl")
 
 # Every test set of the registry (SCANS and SafeSwitch benchmarks). AdvBench and TruthfulQA are
 # test sets except for the anchors, so their whole files are forbidden here as well.
@@ -87,12 +90,19 @@ def assert_disjoint(prompts: Iterable[str], forbidden: set[str], what: str = "pr
         raise DatasetError(f"{len(leaked)} {what}(s) belong to evaluation sets: {shown}")
 
 
-def written_prompts(path: Path = WRITTEN_FILE) -> list[Prompt]:
-    """The project's own validation prompts (label, kind, style and domain in ``meta``)."""
+def written_prompts(paths: Sequence[Path] = WRITTEN_FILES) -> list[Prompt]:
+    """The project's own validation prompts (label, kind, style, domain, category in ``meta``)."""
+    prompts = []
+    for path in paths:
+        prompts += _read_written(path)
+    return prompts
+
+
+def _read_written(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise DatasetError(f"the bundled validation prompts are missing: {path}; reinstall")
     prompts = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -103,7 +113,7 @@ def written_prompts(path: Path = WRITTEN_FILE) -> list[Prompt]:
             raise DatasetError(f"{path} line {line_no} is malformed: {exc}") from exc
         if label not in ("safe", "unsafe"):
             raise DatasetError(f"{path} line {line_no}: label must be safe or unsafe")
-        meta = {k: row[k] for k in ("kind", "style", "domain") if k in row}
+        meta = {k: row[k] for k in ("kind", "style", "domain", "category") if k in row}
         meta["source"] = "written"
         prompts.append(Prompt(text, label, f"validation-{row.get('kind', label)}", meta))
     return prompts

@@ -36,7 +36,12 @@ from safesteer.core.generation import GenerationConfig, generate_ids, length_sor
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
 from safesteer.datasets import DatasetError, Prompt, load_test_set
-from safesteer.datasets.validation import EVALUATION_SETS, normalise, written_prompts
+from safesteer.datasets.validation import (
+    EVALUATION_SETS,
+    WRITTEN_FILE,
+    normalise,
+    written_prompts,
+)
 from safesteer.methods.safeswitch.generate import generated_count
 
 HARMFUL_SOURCES = (
@@ -105,7 +110,7 @@ class TrainingData:
 def _source_prompts(source: str, harmful: bool, data_dir: str | Path | None) -> list[Prompt]:
     """One training source; mixed-label sources keep only the rows of the wanted label."""
     if source == "validation-written":
-        rows = written_prompts()
+        rows = written_prompts((WRITTEN_FILE,))  # the first batch, as the documented fits used
     else:
         rows = load_test_set(source, data_dir=data_dir)
     if source in ("repe-train", "validation-written"):
