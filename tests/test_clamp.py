@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,9 @@ from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.calibrate import choose_steering, projection_cap
 from safesteer.methods.scans.control_vectors import ControlVectorError, from_scans
+from safesteer.methods.scans.directions import reply_logprobs
 from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
 from safesteer.methods.scans.settings import ScansSettings, default_settings
 
 LAYER = 1
@@ -194,3 +197,39 @@ def test_fluency_text_is_mmlu_dev_only(shared_data: Path) -> None:
     test_row = (shared_data / "mmlu" / "mmlu_test" / "astronomy_test.csv").read_text()
     first_test_question = test_row.split(",")[0]
     assert first_test_question not in text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_clamped_scans_fused_equals_two_pass(
+    tiny_models: dict[str, LoadedModel], arch: str
+) -> None:
+    lm = tiny_models[arch]
+    artifact = _clamp_artifact(lm)
+    queries = [HARMFUL[0], BENIGN[0], BENIGN[3], "Hi"]
+    config = GenerationConfig(max_new_tokens=5)
+    fused = scans_generate(lm, artifact, queries, config, batch_size=4)
+    reference = scans_generate_two_pass(lm, artifact, queries, config, batch_size=4)
+    assert [a.token_ids for a in fused] == [b.token_ids for b in reference]
+    # only the away rows depend on the mode: rows steered towards refusal add +alpha*v in both
+    additive = replace(artifact, settings=replace(artifact.settings, away_mode="add"))
+    added = scans_generate(lm, additive, queries, config, batch_size=4)
+    away = [i for i, r in enumerate(fused) if r.decision.sigma < 0]
+    assert away, "the tiny model's gate should pass some rows"
+    for i, (a, b) in enumerate(zip(fused, added, strict=True)):
+        if i not in away:
+            assert a.token_ids == b.token_ids
+
+
+def test_reply_logprobs_with_caps(tiny_models: dict[str, LoadedModel]) -> None:
+    lm = tiny_models["llama"]
+    layout = ChatLayout(lm.tokenizer)
+    prompts = [layout.prompt_ids(q) for q in (BENIGN[0], HARMFUL[1])]
+    replies = [[5, 6, 7], [8, 9]]
+    vectors = {LAYER: 3.0 * _unit(lm.hidden_size, 7)}
+    unsteered = reply_logprobs(lm, prompts, replies)
+    never = reply_logprobs(lm, prompts, replies, vectors, -1.0, caps={LAYER: 1e6})
+    assert np.allclose(unsteered, never, atol=1e-6)  # nothing lies above a huge cap
+    low = reply_logprobs(lm, prompts, replies, vectors, -1.0, caps={LAYER: -1e6})
+    assert not np.allclose(unsteered, low)
+    single = reply_logprobs(lm, prompts[:1], replies[:1], vectors, -1.0, caps={LAYER: -1e6})
+    assert single[0] == pytest.approx(low[0], abs=1e-5)
