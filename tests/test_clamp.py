@@ -21,9 +21,8 @@ from safesteer.core.steering import steering
 from safesteer.datasets.validation import fluency_text
 from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.scans.artifact import ScansArtifact
-from safesteer.methods.scans.calibrate import choose_steering, projection_cap
 from safesteer.methods.scans.control_vectors import ControlVectorError, from_scans
-from safesteer.methods.scans.directions import reply_logprobs
+from safesteer.methods.scans.directions import choose_steering, projection_cap, reply_logprobs
 from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
 from safesteer.methods.scans.settings import ScansSettings, default_settings

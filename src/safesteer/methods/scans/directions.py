@@ -1,5 +1,6 @@
-"""Steering directions for calibration (refusal-vs-compliance and others) and the teacher-forced
-screen: refusal log-probs and plain-answer perplexity over layer windows."""
+"""Steering directions for calibration (refusal-vs-compliance and others), the teacher-forced
+screen (refusal log-probs and perplexity over layer windows) and the choice among its rows
+(additive alpha or a clamp's projection cap)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,42 @@ def windows(num_layers: int, width: int, stride: int) -> list[tuple[int, ...]]:
     lo = max(1, round(0.15 * num_layers))
     hi = round(0.8 * num_layers)
     return [tuple(range(s, s + width)) for s in range(lo, hi - width + 1, stride)]
+
+
+def projection_cap(states: torch.Tensor, direction: torch.Tensor, quantile: float) -> float:
+    """The ``quantile`` of ``states``' projections on the unit ``direction`` (a clamp's cap)."""
+    unit = direction.float() / direction.float().norm().clamp_min(1e-12)
+    return float(torch.quantile(states.float() @ unit, quantile))
+
+
+def choose_steering(screen: list[dict[str, Any]], budget: float) -> tuple[dict[str, Any], float]:
+    """The screened candidate with the largest refusal drop whose plain answers *and* reference
+    text stay within the fluency budget, and the alpha for steering towards refusal.
+
+    A clamp has no alpha of its own: rows steered towards refusal use the additive alpha of the
+    same direction and layers with the largest refusal drop whose plain answers stay fluent
+    (those rows should refuse, so reference-text fluency does not bind them).
+    """
+    limit = 1.0 + budget
+    fluent = [
+        r for r in screen if r["plain_ppl_ratio"] <= limit and r.get("text_ppl_ratio", 1.0) <= limit
+    ]
+    if not fluent:
+        raise ValueError(
+            "no screened candidate keeps plain-answer and reference-text perplexity within the "
+            f"fluency budget (+{budget:.0%}); raise --fluency-budget or add lower alphas"
+        )
+    best = max(fluent, key=lambda r: r["refusal_logprob_drop"])
+    if best.get("away_mode", "add") == "add":
+        return best, float(best["alpha"])
+    same_pair = [
+        r
+        for r in screen
+        if r.get("away_mode", "add") == "add"
+        and r["direction"] == best["direction"]
+        and r["layers"] == best["layers"]
+        and r["plain_ppl_ratio"] <= limit
+    ]
+    pool = same_pair or [r for r in screen if r.get("away_mode", "add") == "add"]
+    toward = max(pool, key=lambda r: (r["plain_ppl_ratio"] <= limit, r["refusal_logprob_drop"]))
+    return best, float(toward["alpha"])
