@@ -145,6 +145,16 @@ CASES: list[tuple[str, Args, str]] = [
     ("threshold-nan", lambda e: _run(e, "--threshold", "nan"), r"--threshold must lie in"),
     ("anchor-size-0", lambda e: _run(e, "--anchor-size", "0"), r"--anchor-size must be at least"),
     (
+        "calibrate-cap-quantile-2",
+        lambda e: ["calibrate", "--out", str(e.out), "--cap-quantiles", "0.1,2"],
+        r"cap quantiles lie between 0 and 1",
+    ),
+    (
+        "calibrate-alphas-text",
+        lambda e: ["calibrate", "--out", str(e.out), "--alphas", "strong"],
+        r"cannot read 'strong'",
+    ),
+    (
         "repetition-penalty-0",
         lambda e: _run(e, "--repetition-penalty", "0"),
         r"--repetition-penalty must be a positive",

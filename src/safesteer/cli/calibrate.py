@@ -12,21 +12,23 @@ import typer
 from safesteer.cli.common import BatchOpt, DtypeOpt, err
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _numbers(text: str, example: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers, or a readable error quoting ``example``."""
     try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
+        return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise typer.BadParameter(f"cannot read {text!r}; write e.g. 0.05,0.1,0.15") from None
+        raise typer.BadParameter(f"cannot read {text!r}; write e.g. {example}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    values = _numbers(text, "0.05,0.1,0.15")
     if not values or any(not (0 < v < 10) for v in values):
         raise typer.BadParameter("alphas must be positive numbers below 10, e.g. 0.05,0.1")
     return values
 
 
 def _quantiles(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise typer.BadParameter(f"cannot read {text!r}; write e.g. 0.5,0.25,0.1,0") from None
+    values = _numbers(text, "0.5,0.25,0.1,0")
     if any(not (0 <= v <= 1) for v in values):
         raise typer.BadParameter("cap quantiles lie between 0 and 1, e.g. 0.5,0.25,0.1,0")
     return values
