@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -170,3 +171,25 @@ LABEL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("is_safe", "harmless"),
     ("benign", "harmless"),
 )
+
+
+# MMLU CSV files (headerless: question, A, B, C, D, answer letter)
+MMLU_LETTERS = ("A", "B", "C", "D")
+MmluRow = tuple[str, str, str, str, str, str]
+
+
+def read_mmlu_csv(path: Path) -> list[MmluRow]:
+    """Rows ``(question, A, B, C, D, answer)`` of a headerless MMLU CSV file."""
+    rows: list[MmluRow] = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        for number, record in enumerate(csv.reader(handle), start=1):
+            if not record:
+                continue
+            if len(record) != 6 or record[5].strip() not in MMLU_LETTERS:
+                raise DatasetError(
+                    f"{path}:{number}: expected 6 columns (question, A, B, C, D, answer letter), "
+                    f"got {record!r}"
+                )
+            q, a, b, c, d, answer = record
+            rows.append((q, a, b, c, d, answer.strip()))
+    return rows

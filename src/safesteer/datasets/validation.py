@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from safesteer.datasets.loaders import load_test_set
-from safesteer.datasets.readers import Prompt
+from safesteer.datasets.readers import MMLU_LETTERS, Prompt, read_mmlu_csv
 from safesteer.datasets.registry import BUNDLED_DIR, DatasetError, dataset_path
 
 WRITTEN_FILE = BUNDLED_DIR / "validation" / "written.jsonl"
@@ -163,16 +163,12 @@ def fluency_text(data_dir: str | Path | None = None) -> str:
     The dev split is MMLU's few-shot exemplars, never scored, so it is not a test set; steering
     that shifts ordinary text shows up here as it does on WikiText-2 (which stays a test set).
     """
-    import csv
-
     paths = sorted(p for p in dataset_path("mmlu", data_dir) if p.parent.name == "mmlu_dev")
     if not paths:
         raise DatasetError("the MMLU dev split (mmlu/mmlu_dev/*.csv) is not in the data folder")
     paragraphs = []
     for path in paths:
-        with path.open(newline="", encoding="utf-8") as handle:
-            for record in csv.reader(handle):
-                if len(record) == 6 and record[5].strip() in ("A", "B", "C", "D"):
-                    answer = record["ABCD".index(record[5].strip()) + 1]
-                    paragraphs.append(f"{record[0].strip()} {answer.strip()}")
+        for row in read_mmlu_csv(path):
+            answer = row[1 + MMLU_LETTERS.index(row[5])]
+            paragraphs.append(f"{row[0].strip()} {answer.strip()}")
     return "\n\n".join(paragraphs)

@@ -33,6 +33,7 @@ from safesteer.core.activations import forward
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout
 from safesteer.core.steering import steering
+from safesteer.datasets.readers import MMLU_LETTERS
 from safesteer.datasets.registry import dataset_path
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.decide import classify, policy_coefficients
@@ -49,7 +50,6 @@ __all__ = [
 Variant = Literal["standard", "chat"]
 ScansMode = Literal["classify", "safe", "unsafe"]
 
-MMLU_LETTERS = ("A", "B", "C", "D")
 XSUM_PROMPT = "Document:{document}\nBased on the previous text, provide a brief single summary:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 

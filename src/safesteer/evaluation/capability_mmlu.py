@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from safesteer.core.activations import forward
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import left_pad
+from safesteer.datasets.readers import read_mmlu_csv
 from safesteer.datasets.registry import DatasetError, dataset_path
 from safesteer.evaluation.capability import (
     MMLU_LETTERS,
@@ -28,25 +28,6 @@ from safesteer.evaluation.capability import (
 # --------------------------------------------------------------------------------------------
 # MMLU
 # --------------------------------------------------------------------------------------------
-
-MmluRow = tuple[str, str, str, str, str, str]
-
-
-def read_mmlu_csv(path: Path) -> list[MmluRow]:
-    """Rows ``(question, A, B, C, D, answer)`` of a headerless MMLU CSV file."""
-    rows: list[MmluRow] = []
-    with path.open(newline="", encoding="utf-8") as handle:
-        for number, record in enumerate(csv.reader(handle), start=1):
-            if not record:
-                continue
-            if len(record) != 6 or record[5].strip() not in MMLU_LETTERS:
-                raise DatasetError(
-                    f"{path}:{number}: expected 6 columns (question, A, B, C, D, answer letter), "
-                    f"got {record!r}"
-                )
-            q, a, b, c, d, answer = record
-            rows.append((q, a, b, c, d, answer.strip()))
-    return rows
 
 
 def format_mmlu_example(row: Sequence[str], include_answer: bool = True) -> str:
