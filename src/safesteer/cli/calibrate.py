@@ -81,7 +81,7 @@ def calibrate_command(
     from safesteer.datasets.validation import fluency_text, validation_set
     from safesteer.evaluation.calibration_report import write_calibration_report
     from safesteer.methods.artifacts import ArtifactError
-    from safesteer.methods.scans.calibrate import CalibrationConfig, Calibrator, settings_summary
+    from safesteer.methods.scans.calibrate import CalibrationConfig, Calibrator
     from safesteer.models import load_model
 
     if batch_size < 1 or gen_tokens < 1:
@@ -125,5 +125,5 @@ def calibrate_command(
     from dataclasses import asdict
 
     report = write_calibration_report(asdict(calibration), folder)
-    err.print(f"Wrote {out}: {settings_summary(artifact.settings)}")
+    err.print(f"Wrote {out}: {artifact.settings.summary()}")
     err.print(f"Report: {report} ({time.perf_counter() - started:.0f} s)")

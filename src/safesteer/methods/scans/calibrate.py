@@ -1,7 +1,8 @@
 """The calibrated SCANS recipe: direction, layers, alpha, gate, policy and threshold chosen on the
 validation set (never on a test set).
 
-Stages (each writes its result to the output folder, so a rerun continues where it stopped):
+Stages (each caches its results in the output folder under a key of what they depend on, so a
+rerun continues where it stopped and a grown validation set computes only its new prompts):
 
 1. ``states``: residual states at the last prompt token and the end of ``Sure`` for the anchors
    and the validation prompts, every layer (one prefill each).
@@ -23,7 +24,6 @@ Stages (each writes its result to the output folder, so a rerun continues where 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from safesteer.core.activations import capture
 from safesteer.core.generation import GenerationConfig
@@ -41,6 +40,14 @@ from safesteer.core.layout import ChatLayout
 from safesteer.datasets import Prompt
 from safesteer.evaluation.judges.keyword import is_refusal_strict
 from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.calibration_cache import (
+    cached_json,
+    cached_rows,
+    cached_texts,
+    fingerprint,
+    model_key,
+    texts_sha256,
+)
 from safesteer.methods.scans.decide import unsteered
 from safesteer.methods.scans.directions import (
     _save_json,
@@ -65,9 +72,20 @@ from safesteer.methods.scans.policy_choice import (
     outcome_rates,
     pareto_table,
 )
-from safesteer.methods.scans.settings import POLICIES, Policy, ScansSettings, default_settings
+from safesteer.methods.scans.settings import POLICIES, Policy, default_settings
 
 Progress = Callable[[str], None]
+# the options the screen's results depend on (its cache key)
+SCREEN_OPTIONS = (
+    "alphas",
+    "window",
+    "window_stride",
+    "fluency_budget",
+    "screen_rows",
+    "cap_quantiles",
+    "text_windows",
+    "text_window",
+)
 
 
 @dataclass
@@ -138,45 +156,52 @@ class Calibrator:
     # stage 1 ---------------------------------------------------------------------------------
     def states(self) -> torch.Tensor:
         """``[anchors + validation, layers, 2, hidden]`` states at (p, e), cached on disk."""
-        path = self.out / "states.safetensors"
         texts = self.harmful_anchors + self.benign_anchors + self.texts
-        if path.exists():
-            cached = load_file(str(path))["states"]
-            if cached.shape[0] == len(texts):
-                return cached
-        self.say(f"recording states of {len(texts)} prompts at every layer")
         layout = ChatLayout(self.lm.tokenizer)
         reply_len = len(layout.reply_ids("Sure"))
-        encoded = [layout.encode(t, "Sure").input_ids for t in texts]
-        states = capture(self.lm, encoded, [-1 - reply_len, -1], batch_size=self.config.batch_size)
-        save_file({"states": states.contiguous()}, str(path))
-        return states
+
+        def record(missing: list[str]) -> torch.Tensor:
+            self.say(f"recording states of {len(missing)} prompts at every layer")
+            encoded = [layout.encode(t, "Sure").input_ids for t in missing]
+            positions = [-1 - reply_len, -1]
+            return capture(self.lm, encoded, positions, batch_size=self.config.batch_size)
+
+        key = fingerprint(model_key(self.lm), "states", "Sure")
+        return cached_rows(self.out / "states.safetensors", key, texts, record)
 
     # stage 2 and 5 ---------------------------------------------------------------------------
     def replies(self, name: str, artifact: ScansArtifact, coefficient: float) -> list[str]:
-        """Greedy replies to every validation prompt with a fixed steering coefficient."""
-        path = self.out / f"replies-{name}.json"
-        if path.exists():
-            cached = json.loads(path.read_text())
-            if cached.get("texts") == self.texts:
-                return list(cached["responses"])
-        self.say(f"generating validation replies ({name}, {len(self.texts)} prompts)")
+        """Greedy replies to every validation prompt with a fixed steering coefficient (cached
+        per prompt under the model, the steering and the reply length)."""
+        steering: list[Any] = [coefficient, self.config.gen_tokens]
+        if coefficient != 0:
+            s = artifact.settings
+            steering += [
+                [s.alpha, s.alpha_mode, list(s.steer_layers), s.away_mode, s.system_prompt],
+                artifact.vectors,
+                artifact.layer_norms,
+                artifact.caps,
+            ]
         rule = (
             unsteered
             if coefficient == 0
             else (lambda ds: torch.full((len(ds),), float(coefficient)))
         )
-        results = scans_generate(
-            self.lm,
-            artifact,
-            self.texts,
-            GenerationConfig(self.config.gen_tokens),
-            batch_size=self.config.batch_size,
-            coefficients=rule,
-        )
-        responses = [r.response for r in results]
-        _save_json(path, {"texts": self.texts, "responses": responses})
-        return responses
+
+        def generate(missing: list[str]) -> list[str]:
+            self.say(f"generating validation replies ({name}, {len(missing)} prompts)")
+            results = scans_generate(
+                self.lm,
+                artifact,
+                missing,
+                GenerationConfig(self.config.gen_tokens),
+                batch_size=self.config.batch_size,
+                coefficients=rule,
+            )
+            return [r.response for r in results]
+
+        key = fingerprint(model_key(self.lm), "replies", *steering)
+        return cached_texts(self.out / f"replies-{name}.json", key, self.texts, generate)
 
     # stage 4 ---------------------------------------------------------------------------------
     def _text_ids(self) -> tuple[list[list[int]], list[list[int]]] | None:
@@ -199,11 +224,37 @@ class Calibrator:
     ) -> list[dict[str, Any]]:
         """Refusal log-prob drop and fluency cost for every direction x window x alpha, and for
         clamped away-steering at several caps (``last_states``: validation states at ``p``)."""
-        path = self.out / "screen.json"
-        if path.exists():
-            cached = list(json.loads(path.read_text()))
-            if all("text_ppl_ratio" in r for r in cached):
-                return cached
+        cfg = self.config
+        searched = [getattr(cfg, name) for name in SCREEN_OPTIONS]
+        key = fingerprint(
+            model_key(self.lm),
+            "screen",
+            searched,
+            self.texts,
+            self.labels,
+            default_replies,
+            self.fluency_text,
+            base.layer_norms,
+            *(directions[name] for name in sorted(directions)),
+            sorted(directions),
+            last_states,
+        )
+        return list(
+            cached_json(
+                self.out / "screen.json",
+                key,
+                lambda: self._screen(base, directions, default_replies, refused, last_states),
+            )
+        )
+
+    def _screen(
+        self,
+        base: ScansArtifact,
+        directions: dict[str, torch.Tensor],
+        default_replies: list[str],
+        refused: np.ndarray,
+        last_states: torch.Tensor,
+    ) -> list[dict[str, Any]]:
         layout = ChatLayout(self.lm.tokenizer)
         safe = np.asarray([lab == "safe" for lab in self.labels])
         kinds = [p.meta.get("kind") for p in self.validation]
@@ -289,7 +340,6 @@ class Calibrator:
                     measure(*pair, alpha)
             for quantile in cfg.cap_quantiles:
                 measure(*pair, middle, quantile)
-        _save_json(path, rows)
         return rows
 
     # the whole recipe ------------------------------------------------------------------------
@@ -444,22 +494,7 @@ class Calibrator:
             "cls_layers": list(settings.cls_layers),
             "chosen": chosen,
             "gate": {k: v for k, v in gate_info.items() if k != "per_layer_auroc"},
-            "validation_sha256": _texts_sha(self.texts),
+            "validation_sha256": texts_sha256(self.texts),
         }
         _save_json(self.out / "calibration.json", asdict(calibration))
         return final, calibration
-
-
-def _texts_sha(texts: Sequence[str]) -> str:
-    import hashlib
-
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
-
-
-def settings_summary(settings: ScansSettings) -> str:
-    """One line describing a calibrated configuration."""
-    return (
-        f"gate {settings.gate} (layers {list(settings.probe_layers)}, {settings.probe_kind}), "
-        f"T {settings.threshold:.3f}, policy {settings.policy}, steering layers "
-        f"{list(settings.steer_layers)}, alpha {settings.alpha} ({settings.alpha_mode})"
-    )

@@ -49,6 +49,15 @@ class ScansSettings:
     # left alone). Steering towards refusal always adds +alpha * v.
     away_mode: AwayMode = "add"
 
+    def summary(self) -> str:
+        """One line describing a calibrated configuration."""
+        return (
+            f"gate {self.gate} (layers {list(self.probe_layers)}, {self.probe_kind}), "
+            f"T {self.threshold:.3f}, policy {self.policy}, steering layers "
+            f"{list(self.steer_layers)}, alpha {self.alpha} ({self.alpha_mode}), "
+            f"away {self.away_mode}"
+        )
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
         data = asdict(self)

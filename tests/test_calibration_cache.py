@@ -1,0 +1,138 @@
+"""Calibration's keyed caches: a rerun reads what is there, a grown validation set computes only
+its new prompts, and any change the results depend on (model, steering, options) recomputes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from conftest import BENIGN, HARMFUL
+from safesteer.core.handle import LoadedModel
+from safesteer.datasets import Prompt
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.calibrate import CalibrationConfig, Calibrator
+from safesteer.methods.scans.calibration_cache import (
+    cached_json,
+    cached_rows,
+    cached_texts,
+    fingerprint,
+)
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.settings import default_settings
+
+
+def _rows_of(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[float(len(t)), float(ord(t[0]))] for t in texts])
+
+
+def test_cached_rows_computes_only_missing_texts_and_keeps_the_order(tmp_path: Path) -> None:
+    path, asked = tmp_path / "rows.safetensors", []
+
+    def compute(missing: list[str]) -> torch.Tensor:
+        asked.append(list(missing))
+        return _rows_of(missing)
+
+    first = cached_rows(path, "k", ["bb", "a", "bb"], compute)
+    assert asked == [["bb", "a"]]  # a duplicate is computed once
+    assert torch.equal(first, _rows_of(["bb", "a", "bb"]))
+    grown = cached_rows(path, "k", ["ccc", "a", "bb"], compute)
+    assert asked[-1] == ["ccc"]
+    assert torch.equal(grown, _rows_of(["ccc", "a", "bb"]))
+    cached_rows(path, "k", ["a", "ccc"], compute)
+    assert len(asked) == 2  # everything was there
+    cached_rows(path, "other model", ["a"], compute)
+    assert asked[-1] == ["a"]  # another key starts afresh
+    assert cached_rows(path, "k", [], compute).numel() == 0
+
+
+def test_cached_texts_and_json_recompute_when_the_key_changes(tmp_path: Path) -> None:
+    path, asked = tmp_path / "replies.json", []
+
+    def reply(missing: list[str]) -> list[str]:
+        asked.append(list(missing))
+        return [t.upper() for t in missing]
+
+    assert cached_texts(path, "k1", ["x", "y"], reply) == ["X", "Y"]
+    assert cached_texts(path, "k1", ["y", "z"], reply) == ["Y", "Z"]
+    assert asked == [["x", "y"], ["z"]]
+    cached_texts(path, "k2", ["y"], reply)
+    assert asked[-1] == ["y"]
+    calls: list[int] = []
+    value = cached_json(tmp_path / "v.json", "a", lambda: calls.append(1) or [1, 2])
+    assert value == [1, 2] and cached_json(tmp_path / "v.json", "a", lambda: [9]) == [1, 2]
+    assert cached_json(tmp_path / "v.json", "b", lambda: [9]) == [9]
+
+
+def test_fingerprint_sees_tensor_values_and_order() -> None:
+    v = torch.ones(3)
+    assert fingerprint(v, 1) == fingerprint(v.clone(), 1)
+    assert fingerprint(v, 1) != fingerprint(v * 2, 1)
+    assert fingerprint(v, 1) != fingerprint(1, v)
+    assert fingerprint(None) != fingerprint(float("nan"))
+
+
+def _calibrator(lm: LoadedModel, texts: list[str], out: Path, log: list[str]) -> Calibrator:
+    validation = [Prompt(t, "safe", "validation-plain", {"kind": "plain"}) for t in texts]
+    return Calibrator(
+        lm,
+        HARMFUL[:2],
+        BENIGN[:2],
+        validation,
+        out,
+        CalibrationConfig(gen_tokens=3, batch_size=4),
+        progress=log.append,
+    )
+
+
+def test_calibrator_states_and_replies_grow_with_the_validation_set(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    lm = tiny_models["llama"]
+    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    texts = ["Hi", "Write a story about a bank.", BENIGN[3]]
+    log: list[str] = []
+    small = _calibrator(lm, texts[:2], tmp_path, log)
+    small.states()
+    small.replies("away", base, -1.0)
+    grown = _calibrator(lm, texts, tmp_path, log)
+    states = grown.states()
+    replies = grown.replies("away", base, -1.0)
+    assert log == [
+        "recording states of 6 prompts at every layer",
+        "generating validation replies (away, 2 prompts)",
+        "recording states of 1 prompts at every layer",
+        "generating validation replies (away, 1 prompts)",
+    ]
+    fresh_log: list[str] = []
+    fresh = _calibrator(lm, texts, tmp_path / "fresh", fresh_log)
+    torch.testing.assert_close(states, fresh.states(), rtol=1e-4, atol=1e-4)
+    assert replies == fresh.replies("away", base, -1.0)
+
+
+def test_calibrator_replies_are_recomputed_for_other_steering(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    lm = tiny_models["llama"]
+    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    log: list[str] = []
+    calibrator = _calibrator(lm, ["Hi", "Write a story about a bank."], tmp_path, log)
+    calibrator.replies("away", base, -1.0)
+    calibrator.replies("away", base, -1.0)
+    assert len(log) == 1
+    stronger = replace(base, settings=replace(base.settings, alpha=base.settings.alpha * 3))
+    other_layers = replace(base, settings=replace(base.settings, steer_layers=(0,)))
+    clamped: ScansArtifact = replace(
+        base,
+        settings=replace(base.settings, away_mode="clamp"),
+        caps=torch.zeros(lm.num_layers),
+    )
+    for changed in (stronger, other_layers, clamped):
+        calibrator.replies("away", changed, -1.0)
+    calibrator.replies("away", base, 1.0)
+    assert len(log) == 5
+    # the unsteered replies do not depend on the artifact's steering
+    calibrator.replies("default", base, 0.0)
+    calibrator.replies("default", stronger, 0.0)
+    assert len(log) == 6
