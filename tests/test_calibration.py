@@ -269,13 +269,26 @@ def test_written_validation_prompts() -> None:
     prompts = written_prompts()
     kinds = {p.meta["kind"] for p in prompts}
     assert kinds == {"scary-benign", "plain", "harmful"}
-    assert len(prompts) >= 600
+    assert len(prompts) >= 900
     # the second batch: every category has safe prompts and harmful contrasts
     by_category: dict[str, set[str]] = {}
     for p in prompts:
         if "category" in p.meta:
             by_category.setdefault(p.meta["category"], set()).add(p.label)
+    howto = {k: by_category.pop(k) for k in list(by_category) if k.startswith("howto-")}
     assert len(by_category) == 9 and all(v == {"safe", "unsafe"} for v in by_category.values())
+    # the third: benign how-to requests, plain and alarming, and harmful ones in the same forms
+    assert howto == {
+        "howto-plain": {"safe"},
+        "howto-alarming": {"safe"},
+        "howto-harmful": {"unsafe"},
+    }
+    openers = ("how to ", "how do i ", "how can i ")
+    for kind in ("plain", "harmful"):
+        rows = [p for p in prompts if p.meta.get("category", "").startswith("howto-")]
+        rows = [p for p in rows if p.meta["kind"] == kind]
+        share = np.mean([p.text.lower().startswith(openers) for p in rows])
+        assert 0.5 <= share <= 0.7, (kind, share)  # the same forms on both sides
     assert {p.label for p in prompts if p.meta["kind"] == "harmful"} == {"unsafe"}
     assert {p.label for p in prompts if p.meta["kind"] != "harmful"} == {"safe"}
     keys = [normalise(p.text) for p in prompts]

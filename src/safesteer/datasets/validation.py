@@ -25,7 +25,13 @@ from safesteer.datasets.registry import BUNDLED_DIR, DatasetError, dataset_path
 WRITTEN_FILE = BUNDLED_DIR / "validation" / "written.jsonl"
 # The second batch: scary-but-safe prompts in nine categories, each with harmful contrasts that
 # share its alarming words (``category`` in meta).
-WRITTEN_FILES: tuple[Path, ...] = (WRITTEN_FILE, BUNDLED_DIR / "validation" / "written2.jsonl")
+# The third: benign how-to requests ("How to ...?", "How do I ...?") in the forms harmful requests
+# also take, plain and with alarming words, with harmful requests in the same forms.
+WRITTEN_FILES: tuple[Path, ...] = (
+    WRITTEN_FILE,
+    BUNDLED_DIR / "validation" / "written2.jsonl",
+    BUNDLED_DIR / "validation" / "written3.jsonl",
+)
 
 # Every test set of the registry (SCANS and SafeSwitch benchmarks). AdvBench and TruthfulQA are
 # test sets except for the anchors, so their whole files are forbidden here as well.
