@@ -150,6 +150,11 @@ CASES: list[tuple[str, Args, str]] = [
         r"cap quantiles lie between 0 and 1",
     ),
     (
+        "fit-safeswitch-head-penalty-0",
+        lambda e: ["fit", "safeswitch", "--out", str(e.out), "--head-repetition-penalty", "0"],
+        r"--head-repetition-penalty must be positive",
+    ),
+    (
         "calibrate-alphas-text",
         lambda e: ["calibrate", "--out", str(e.out), "--alphas", "strong"],
         r"cannot read 'strong'",

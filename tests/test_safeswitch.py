@@ -338,6 +338,7 @@ def test_fit_artifact_round_trip_and_wrong_model(
     lm = tiny_models["llama"]
     artifact = _fitted_tiny(lm)
     assert artifact.settings.layer == lm.num_layers - 1
+    assert artifact.settings.head_repetition_penalty == FitConfig().head_repetition_penalty == 1.3
     assert len(artifact.report["sweep"]) == lm.num_layers
     assert artifact.training["counts"]["prompts"] == 32
     assert artifact.training["counts"]["head_prompts"] == 12 + 1  # harmful train split + extra
@@ -549,3 +550,5 @@ def test_head_repetition_penalty_setting_round_trip_and_checks() -> None:
     assert SafeSwitchSettings.from_json(old).head_repetition_penalty == 1.0
     with pytest.raises(ValueError, match="head_repetition_penalty must be positive"):
         SafeSwitchSettings(head_repetition_penalty=0.0)
+    with pytest.raises(ValueError, match="head_repetition_penalty must be positive"):
+        FitConfig(head_repetition_penalty=-1.0)

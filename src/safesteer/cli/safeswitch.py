@@ -76,6 +76,13 @@ def fit_safeswitch_command(
     ] = 256,
     head_epochs: Annotated[int, typer.Option(help="Refusal-head epochs.")] = 2,
     head_lr: Annotated[float, typer.Option(help="Refusal-head learning rate.")] = 2e-3,
+    head_repetition_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Repetition penalty on the refusal head's own tokens (1.0: none; 1.3 chosen on "
+            "SORRY-Bench train stops its loops)."
+        ),
+    ] = 1.3,
     seed: Annotated[int, typer.Option(help="Seed for sampling, splits and targets.")] = 0,
     batch_size: BatchOpt = 16,
     data_dir: Annotated[
@@ -99,23 +106,29 @@ def fit_safeswitch_command(
     from safesteer.models import load_model
 
     if mode not in MODES:
-        err.print(f"[red]unknown mode {mode!r}; use two-stage or direct[/red]")
+        err.print(f"[red]error:[/red] unknown mode {mode!r}; use two-stage or direct")
         raise typer.Exit(2)
     if judge not in ("strict", "llm"):
-        err.print(f"[red]unknown judge {judge!r}; use strict or llm[/red]")
+        err.print(f"[red]error:[/red] unknown judge {judge!r}; use strict or llm")
         raise typer.Exit(2)
     if thresholds not in THRESHOLD_CHOICES:
-        err.print(f"[red]unknown --thresholds {thresholds!r}; use calibrated or paper[/red]")
+        err.print(f"[red]error:[/red] unknown --thresholds {thresholds!r}; use calibrated or paper")
         raise typer.Exit(2)
     if not 0.0 <= steer_budget < 1.0:
-        err.print(f"[red]--steer-budget must be in [0, 1), got {steer_budget}[/red]")
+        err.print(f"[red]error:[/red] --steer-budget must be in [0, 1), got {steer_budget}")
+        raise typer.Exit(2)
+    if not head_repetition_penalty > 0:
+        err.print(
+            "[red]error:[/red] --head-repetition-penalty must be positive (1.0: none), "
+            f"got {head_repetition_penalty}"
+        )
         raise typer.Exit(2)
     choice: LayerChoice = None
     if layer is not None:
         try:
             choice = "best" if layer == "best" else int(layer)
         except ValueError:
-            err.print(f"[red]--layer must be an integer or best, not {layer!r}[/red]")
+            err.print(f"[red]error:[/red] --layer must be an integer or best, not {layer!r}")
             raise typer.Exit(2) from None
     started = time.perf_counter()
     with user_errors(RunError, JudgeRequestError):
@@ -141,6 +154,7 @@ def fit_safeswitch_command(
             seed=seed,
             thresholds=thresholds,
             steer_budget=steer_budget,
+            head_repetition_penalty=head_repetition_penalty,
             prober=replace(ProberConfig(), lr=lr),
             head=replace(HeadConfig(), prompts=head_prompts, epochs=head_epochs, lr=head_lr),
         )
@@ -260,7 +274,7 @@ def chat_command(
     from safesteer.models import load_model
 
     if method not in CHAT_METHODS:
-        err.print(f"[red]unknown method {method!r}; use {', '.join(CHAT_METHODS)}[/red]")
+        err.print(f"[red]error:[/red] unknown method {method!r}; use {', '.join(CHAT_METHODS)}")
         raise typer.Exit(2)
     config = GenerationConfig(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)
     with user_errors(RunError):

@@ -70,6 +70,9 @@ class FitConfig:
     # scans+safeswitch: the share of the validation split's harmful prompts that may fall under
     # the steering threshold (SafeSwitchSettings.steer_below).
     steer_budget: float = 0.05
+    # SafeSwitchSettings.head_repetition_penalty of the fitted artifact. 1.3 was chosen on 96
+    # SORRY-Bench *train* prompts (flagged rows looping 12/73 -> 0/73); 1.0: none (fits before it).
+    head_repetition_penalty: float = 1.3
     prober: ProberConfig = field(default_factory=ProberConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
 
@@ -80,6 +83,11 @@ class FitConfig:
             )
         if not 0.0 <= self.steer_budget < 1.0:
             raise ValueError(f"steer_budget must be in [0, 1), got {self.steer_budget}")
+        if not self.head_repetition_penalty > 0:
+            raise ValueError(
+                "head_repetition_penalty must be positive (1.0: no penalty), "
+                f"got {self.head_repetition_penalty}"
+            )
 
     @property
     def prober_config(self) -> ProberConfig:
@@ -200,6 +208,7 @@ def fit_safeswitch(
         threshold2=None if stage2 is None else stage2.threshold,
         system_prompt=config.system_prompt,
         steer_below=None if steer is None else steer["steer_below"],
+        head_repetition_penalty=config.head_repetition_penalty,
     )
     report: dict[str, Any] = {
         "sweep": sweep_table(fitted),
