@@ -59,3 +59,23 @@ def test_labels_prefix_methods_from_each_folder(tmp_path: Path) -> None:
     table = compare([f"{one}=v1", f"{two}=v2"], "strict", n_boot=50)
     assert table["methods"]["v1:scans"]["subsets"]["oktest"]["refusal"] == 100.0
     assert table["methods"]["v2:scans"]["subsets"]["oktest"]["refusal"] == 0.0
+
+
+def test_on_prompts_of_counts_only_the_prompts_of_a_sample_run(tmp_path: Path) -> None:
+    full = [("scans", "oktest", "safe", i < 2) for i in range(6)]  # prompts p0..p5: p0, p1 refused
+    sample = [("prompt", "oktest", "safe", True)] * 3  # prompts p0..p2
+    a, b = _folder(tmp_path, "full", full), _folder(tmp_path, "sample", sample)
+    everything = compare([a, b], "strict", n_boot=50)
+    assert everything["methods"]["scans"]["subsets"]["oktest"]["n"] == 6
+    same = compare([a, b], "strict", n_boot=50, on_prompts_of=Path(b))
+    cell = same["methods"]["scans"]["subsets"]["oktest"]
+    assert cell["n"] == 3 and round(cell["refusal"], 1) == 66.7  # p0, p1 of p0..p2
+    assert same["methods"]["prompt"]["subsets"]["oktest"]["n"] == 3
+    assert same["on_prompts_of"] == b
+    twice = _folder(tmp_path, "twice", [("scans", "oktest", "safe", True)] * 2)
+    (Path(twice) / "responses.jsonl").write_text(  # the same prompt text twice (ids 0, 1)
+        (Path(twice) / "responses.jsonl").read_text().replace('"p1"', '"p0"')
+    )
+    once = _folder(tmp_path, "once", [("x", "oktest", "safe", True)])
+    counted = compare([twice], "strict", n_boot=50, on_prompts_of=Path(once))
+    assert counted["methods"]["scans"]["subsets"]["oktest"]["n"] == 1

@@ -210,6 +210,13 @@ def compare(
         typer.Option(help="Also write the Markdown table here (.md added if no suffix) and JSON."),
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    on_prompts_of: Annotated[
+        Path | None,
+        typer.Option(
+            help="An eval folder: count only the prompts it holds (compare a sample run with "
+            "full-set runs on the same prompts)."
+        ),
+    ] = None,
 ) -> None:
     """One refusal table from several eval folders, with the pooled Table-2 Avg and 95 % CIs."""
     import json
@@ -218,7 +225,7 @@ def compare(
     from safesteer.evaluation.compare import markdown
 
     with user_errors(FileNotFoundError):
-        table = compare_folders(folders, judge, bootstrap)
+        table = compare_folders(folders, judge, bootstrap, on_prompts_of=on_prompts_of)
     text = markdown(table)
     typer.echo(text)
     if out is not None:

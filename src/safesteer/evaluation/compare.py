@@ -7,7 +7,7 @@ folders hold together, with bootstrap intervals over the prompts.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +30,65 @@ def _parse(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
-def collect(specs: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Rows per method name across folders (``LABEL:method`` when a label is given)."""
+def _responses(folder: Path) -> Path:
+    path = folder / "responses.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no responses.jsonl (not an eval folder?); pass folders written "
+            "by `safesteer eval --output-dir DIR`"
+        )
+    return path
+
+
+def prompt_keys(folder: Path) -> Counter[tuple[str, str]]:
+    """How often each (subset, prompt) pair occurs in an eval folder (its most frequent method:
+    a set may hold the same text twice)."""
+    per_method: dict[str, Counter[tuple[str, str]]] = defaultdict(Counter)
+    for (method, _), row in read_rows(_responses(folder)).items():
+        per_method[method][(row["subset"], row["prompt"])] += 1
+    keys: Counter[tuple[str, str]] = Counter()
+    for counts in per_method.values():
+        keys |= counts
+    return keys
+
+
+def collect(
+    specs: list[str], only: Counter[tuple[str, str]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows per method name across folders (``LABEL:method`` when a label is given); with
+    ``only``, just the rows whose (subset, prompt) is in it, each at most as often."""
     by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    taken: dict[str, Counter[tuple[str, str]]] = defaultdict(Counter)
     for spec in specs:
         folder, label = _parse(spec)
-        path = folder / "responses.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{folder} holds no responses.jsonl (not an eval folder?); pass folders written "
-                "by `safesteer eval --output-dir DIR`"
-            )
-        for (method, _), row in read_rows(path).items():
-            by_method[f"{label}:{method}" if label else method].append(row)
+        for (method, _), row in read_rows(_responses(folder)).items():
+            name = f"{label}:{method}" if label else method
+            key = (row["subset"], row["prompt"])
+            if only is not None:
+                if taken[name][key] >= only[key]:
+                    continue
+                taken[name][key] += 1
+            by_method[name].append(row)
     return dict(by_method)
 
 
-def compare(specs: list[str], judge: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Per method: refusal % and 95 % CI per subset, and the pooled Table-2 Avg with its CI."""
+def compare(
+    specs: list[str],
+    judge: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    on_prompts_of: Path | None = None,
+) -> dict[str, Any]:
+    """Per method: refusal % and 95 % CI per subset, and the pooled Table-2 Avg with its CI.
+
+    ``on_prompts_of``: an eval folder; only the prompts it holds are counted, so methods run on
+    a sample and on the full set are compared on the same prompts.
+    """
     table: dict[str, Any] = {"judge": judge, "methods": {}}
-    collected = collect(specs)
+    only = None if on_prompts_of is None else prompt_keys(on_prompts_of)
+    if on_prompts_of is not None:
+        table["on_prompts_of"] = str(on_prompts_of)
+    collected = collect(specs, only)
     found = sorted({name for rows in collected.values() for r in rows for name in r["judges"]})
     if judge not in found:
         raise ValueError(
