@@ -214,6 +214,29 @@ class Calibrator:
         chunks = [c for c in chunks if len(c) >= 2]
         return [c[:1] for c in chunks], [c[1:] for c in chunks]
 
+    def _screen_key(
+        self,
+        base: ScansArtifact,
+        directions: dict[str, torch.Tensor],
+        default_replies: list[str],
+        last_states: torch.Tensor,
+    ) -> str:
+        """What the screen's results depend on (its cache key)."""
+        names = sorted(directions)
+        return fingerprint(
+            model_key(self.lm),
+            "screen",
+            [getattr(self.config, option) for option in SCREEN_OPTIONS],
+            self.texts,
+            self.labels,
+            default_replies,
+            self.fluency_text,
+            base.layer_norms,
+            *(directions[name] for name in names),
+            names,
+            last_states,
+        )
+
     def screen(
         self,
         base: ScansArtifact,
@@ -224,37 +247,6 @@ class Calibrator:
     ) -> list[dict[str, Any]]:
         """Refusal log-prob drop and fluency cost for every direction x window x alpha, and for
         clamped away-steering at several caps (``last_states``: validation states at ``p``)."""
-        cfg = self.config
-        searched = [getattr(cfg, name) for name in SCREEN_OPTIONS]
-        key = fingerprint(
-            model_key(self.lm),
-            "screen",
-            searched,
-            self.texts,
-            self.labels,
-            default_replies,
-            self.fluency_text,
-            base.layer_norms,
-            *(directions[name] for name in sorted(directions)),
-            sorted(directions),
-            last_states,
-        )
-        return list(
-            cached_json(
-                self.out / "screen.json",
-                key,
-                lambda: self._screen(base, directions, default_replies, refused, last_states),
-            )
-        )
-
-    def _screen(
-        self,
-        base: ScansArtifact,
-        directions: dict[str, torch.Tensor],
-        default_replies: list[str],
-        refused: np.ndarray,
-        last_states: torch.Tensor,
-    ) -> list[dict[str, Any]]:
         layout = ChatLayout(self.lm.tokenizer)
         safe = np.asarray([lab == "safe" for lab in self.labels])
         kinds = [p.meta.get("kind") for p in self.validation]
@@ -398,7 +390,11 @@ class Calibrator:
         own = refusal_direction(last, self.labels, refused.tolist())
         if own is not None:
             directions["refusal"] = own
-        screen = self.screen(base, directions, default_replies, refused, last)
+        screen = cached_json(
+            self.out / "screen.json",
+            self._screen_key(base, directions, default_replies, last),
+            lambda: self.screen(base, directions, default_replies, refused, last),
+        )
         best, toward_alpha = choose_steering(screen, cfg.fluency_budget)
         direction = directions[best["direction"]]
         caps = None
