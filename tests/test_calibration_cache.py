@@ -136,3 +136,7 @@ def test_calibrator_replies_are_recomputed_for_other_steering(
     calibrator.replies("default", base, 0.0)
     calibrator.replies("default", stronger, 0.0)
     assert len(log) == 6
+    # ... but they do depend on the chat's system prompt
+    prompted = replace(base, settings=replace(base.settings, system_prompt="Be brief."))
+    calibrator.replies("default", prompted, 0.0)
+    assert len(log) == 7

@@ -173,11 +173,11 @@ class Calibrator:
     def replies(self, name: str, artifact: ScansArtifact, coefficient: float) -> list[str]:
         """Greedy replies to every validation prompt with a fixed steering coefficient (cached
         per prompt under the model, the steering and the reply length)."""
-        steering: list[Any] = [coefficient, self.config.gen_tokens]
+        s = artifact.settings
+        steering: list[Any] = [coefficient, self.config.gen_tokens, s.system_prompt]
         if coefficient != 0:
-            s = artifact.settings
             steering += [
-                [s.alpha, s.alpha_mode, list(s.steer_layers), s.away_mode, s.system_prompt],
+                [s.alpha, s.alpha_mode, list(s.steer_layers), s.away_mode],
                 artifact.vectors,
                 artifact.layer_norms,
                 artifact.caps,
