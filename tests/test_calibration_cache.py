@@ -140,3 +140,10 @@ def test_calibrator_replies_are_recomputed_for_other_steering(
     prompted = replace(base, settings=replace(base.settings, system_prompt="Be brief."))
     calibrator.replies("default", prompted, 0.0)
     assert len(log) == 7
+
+
+def test_settings_summary_names_the_choice_and_copes_without_a_threshold() -> None:
+    settings = replace(default_settings(24), gate="probe", probe_layers=(14, 15), threshold=0.3161)
+    line = settings.summary()
+    assert "gate probe (layers [14, 15]" in line and "T 0.316" in line and "away add" in line
+    assert "T not set" in replace(settings, threshold=None).summary()

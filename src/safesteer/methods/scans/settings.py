@@ -51,9 +51,10 @@ class ScansSettings:
 
     def summary(self) -> str:
         """One line describing a calibrated configuration."""
+        threshold = "not set" if self.threshold is None else f"{self.threshold:.3f}"
         return (
             f"gate {self.gate} (layers {list(self.probe_layers)}, {self.probe_kind}), "
-            f"T {self.threshold:.3f}, policy {self.policy}, steering layers "
+            f"T {threshold}, policy {self.policy}, steering layers "
             f"{list(self.steer_layers)}, alpha {self.alpha} ({self.alpha_mode}), "
             f"away {self.away_mode}"
         )
