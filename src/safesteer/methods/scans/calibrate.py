@@ -46,11 +46,11 @@ from safesteer.methods.scans.calibration_cache import (
     cached_texts,
     fingerprint,
     model_key,
+    save_json,
     texts_sha256,
 )
 from safesteer.methods.scans.decide import unsteered
 from safesteer.methods.scans.directions import (
-    _save_json,
     choose_steering,
     projection_cap,
     refusal_direction,
@@ -492,5 +492,5 @@ class Calibrator:
             "gate": {k: v for k, v in gate_info.items() if k != "per_layer_auroc"},
             "validation_sha256": texts_sha256(self.texts),
         }
-        _save_json(self.out / "calibration.json", asdict(calibration))
+        save_json(self.out / "calibration.json", asdict(calibration))
         return final, calibration

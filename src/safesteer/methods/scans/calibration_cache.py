@@ -22,6 +22,13 @@ from safetensors.torch import load_file, save_file
 from safesteer.core.handle import LoadedModel
 
 
+def save_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (a crash never leaves half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def fingerprint(*parts: Any) -> str:
     """sha256 over tensors (their float32 values and shape) and JSON-able values, in order."""
     digest = hashlib.sha256()
@@ -99,9 +106,7 @@ def cached_texts(
     missing = [t for t in dict.fromkeys(texts) if t not in done]
     if missing:
         done.update(zip(missing, compute(missing), strict=True))
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "responses": done}, indent=1) + "\n")
-        tmp.replace(path)
+        save_json(path, {"key": key, "responses": done})
     return [done[t] for t in texts]
 
 
@@ -112,7 +117,5 @@ def cached_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
         if isinstance(cached, dict) and cached.get("key") == key:
             return cached["value"]
     value = compute()
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "value": value}, indent=2) + "\n")
-    tmp.replace(path)
+    save_json(path, {"key": key, "value": value})
     return value

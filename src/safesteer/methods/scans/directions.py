@@ -4,9 +4,7 @@ screen (refusal log-probs and perplexity over layer windows) and the choice amon
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,12 +16,6 @@ from safesteer.core.layout import Batch
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _save_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
