@@ -13,10 +13,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from safesteer.core.activations import forward
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import left_pad
-from safesteer.datasets.readers import read_mmlu_csv
+from safesteer.datasets.readers import MMLU_LETTERS, read_mmlu_csv
 from safesteer.datasets.registry import DatasetError, dataset_path
 from safesteer.evaluation.capability import (
-    MMLU_LETTERS,
     Intervention,
     _chunks,
     _CoefficientLog,
