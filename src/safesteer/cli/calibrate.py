@@ -74,7 +74,7 @@ def calibrate_command(
     dtype: DtypeOpt = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
 ) -> None:
-    """Calibrate SCANS on the validation set (never a test set); about 45 minutes for a 0.5B
+    """Calibrate SCANS on the validation set (never a test set); about an hour for a 0.5B
     model on 2 CPU cores. Stages are cached in the work folder, so a rerun continues."""
     from safesteer.core.errors import ModelLoadError
     from safesteer.datasets import DatasetError, draw_anchors
