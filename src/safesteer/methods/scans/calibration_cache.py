@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from safesteer.core.handle import LoadedModel
 
@@ -68,9 +68,9 @@ def cached_rows(
     if path.exists():
         with safe_open(str(path), "pt") as handle:
             meta = handle.metadata() or {}
-        if meta.get("key") == key:
-            names = list(json.loads(meta["texts"]))
-            stored = load_file(str(path))["rows"]
+            if meta.get("key") == key:
+                names = list(json.loads(meta["texts"]))
+                stored = handle.get_tensor("rows")
     index = {name: i for i, name in enumerate(names)}
     missing = [t for t in dict.fromkeys(texts) if t not in index]
     if missing:
