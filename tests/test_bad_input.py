@@ -155,6 +155,11 @@ CASES: list[tuple[str, Args, str]] = [
         r"--head-repetition-penalty must be positive",
     ),
     (
+        "fit-safeswitch-written-some",
+        lambda e: ["fit", "safeswitch", "--out", str(e.out), "--written", "some"],
+        r"unknown --written 'some'; use all or first",
+    ),
+    (
         "calibrate-alphas-text",
         lambda e: ["calibrate", "--out", str(e.out), "--alphas", "strong"],
         r"cannot read 'strong'",

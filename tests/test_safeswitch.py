@@ -426,6 +426,21 @@ def test_training_prompts_exclude_evaluation_sets(shared_data: Path) -> None:
     assert not {"truthfulqa", "heldout"} & set(report["sources"]["harmless"])
 
 
+def test_training_prompts_written_batches(shared_data: Path) -> None:
+    """``written="first"`` draws only the first written batch (the v1/v2 fits); "all" every one."""
+    from safesteer.datasets.validation import WRITTEN_FILE, WRITTEN_FILES, written_prompts
+
+    first = {p.text for p in written_prompts((WRITTEN_FILE,))}
+    later = {p.text for p in written_prompts(WRITTEN_FILES[1:])}
+    drawn = {}
+    for choice in ("first", "all"):
+        data = load_training_prompts(shared_data, limit=400, seed=0, written=choice)
+        drawn[choice] = {p.text for p in data.prompts if p.source == "validation-written"}
+        assert data.report["written"] == choice
+    assert drawn["first"] and drawn["first"] <= first
+    assert drawn["all"] & later and drawn["all"] <= first | later
+
+
 def test_chat_loop_and_eval_wiring(tiny_models: dict[str, LoadedModel]) -> None:
     from safesteer.cli.chat import chat_loop, describe_switch
     from safesteer.evaluation.eval_options import EvalOptions, MethodOutput

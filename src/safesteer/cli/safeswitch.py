@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -83,6 +83,13 @@ def fit_safeswitch_command(
             "SORRY-Bench train stops its loops)."
         ),
     ] = 1.3,
+    written: Annotated[
+        str,
+        typer.Option(
+            help="Which batches of the project's written prompts (alarming-but-safe and harmful "
+            "requests) are a training source: all, or first (as the v1/v2 fits)."
+        ),
+    ] = "all",
     seed: Annotated[int, typer.Option(help="Seed for sampling, splits and targets.")] = 0,
     batch_size: BatchOpt = 16,
     data_dir: Annotated[
@@ -102,7 +109,12 @@ def fit_safeswitch_command(
     from safesteer.methods.safeswitch.head import HeadConfig
     from safesteer.methods.safeswitch.probe import ProberConfig, plot_sweep
     from safesteer.methods.safeswitch.settings import MODES
-    from safesteer.methods.safeswitch.train import THRESHOLD_CHOICES, load_training_prompts
+    from safesteer.methods.safeswitch.train import (
+        THRESHOLD_CHOICES,
+        WRITTEN_CHOICES,
+        WrittenChoice,
+        load_training_prompts,
+    )
     from safesteer.models import load_model
 
     if mode not in MODES:
@@ -113,6 +125,9 @@ def fit_safeswitch_command(
         raise typer.Exit(2)
     if thresholds not in THRESHOLD_CHOICES:
         err.print(f"[red]error:[/red] unknown --thresholds {thresholds!r}; use calibrated or paper")
+        raise typer.Exit(2)
+    if written not in WRITTEN_CHOICES:
+        err.print(f"[red]error:[/red] unknown --written {written!r}; use all or first")
         raise typer.Exit(2)
     if not 0.0 <= steer_budget < 1.0:
         err.print(f"[red]error:[/red] --steer-budget must be in [0, 1), got {steer_budget}")
@@ -142,7 +157,9 @@ def fit_safeswitch_command(
             )
         else:
             labeller = StrictJudge()
-        data = load_training_prompts(data_dir, limit, seed, head_extra=head_prompts)
+        data = load_training_prompts(
+            data_dir, limit, seed, head_extra=head_prompts, written=cast(WrittenChoice, written)
+        )
         prompts = data.prompts
         lm = load_model(model, dtype=dtype, device=resolve_device(device), device_map=device_map)
         config = FitConfig(

@@ -39,6 +39,7 @@ from safesteer.datasets import DatasetError, Prompt, load_test_set
 from safesteer.datasets.validation import (
     EVALUATION_SETS,
     WRITTEN_FILE,
+    WRITTEN_FILES,
     normalise,
     written_prompts,
 )
@@ -58,6 +59,10 @@ EVAL_SOURCES = tuple(s for s in EVALUATION_SETS if s not in SPLIT_SOURCES)
 ThresholdChoice = Literal["calibrated", "paper"]
 THRESHOLD_CHOICES: tuple[ThresholdChoice, ...] = ("calibrated", "paper")
 PAPER_THRESHOLD = 0.5
+# Which batches of the project's written prompts are a training source: all of them (default), or
+# the first only, as the documented v1/v2 fits used.
+WrittenChoice = Literal["all", "first"]
+WRITTEN_CHOICES: tuple[WrittenChoice, ...] = ("all", "first")
 Progress = Callable[[str], None]
 
 
@@ -107,10 +112,12 @@ class TrainingData:
     report: dict[str, Any]
 
 
-def _source_prompts(source: str, harmful: bool, data_dir: str | Path | None) -> list[Prompt]:
+def _source_prompts(
+    source: str, harmful: bool, data_dir: str | Path | None, written: WrittenChoice
+) -> list[Prompt]:
     """One training source; mixed-label sources keep only the rows of the wanted label."""
     if source == "validation-written":
-        rows = written_prompts((WRITTEN_FILE,))  # the first batch, as the documented fits used
+        rows = written_prompts(WRITTEN_FILES if written == "all" else (WRITTEN_FILE,))
     else:
         rows = load_test_set(source, data_dir=data_dir)
     if source in ("repe-train", "validation-written"):
@@ -124,9 +131,11 @@ def load_training_prompts(
     limit: int | None = None,
     seed: int = 0,
     head_extra: int = 0,
+    written: WrittenChoice = "all",
 ) -> TrainingData:
     """Harmful and harmless training prompts (``limit``: half each, spread evenly over sources),
     and up to ``head_extra`` further harmful ones (refusal head only; no labelling pass needed).
+    ``written``: all batches of the project's written prompts, or the first only.
 
     Prompts whose normalised text appears in an evaluation set are dropped; the result is then
     checked to share no text with any evaluation set that could be loaded.
@@ -148,7 +157,7 @@ def load_training_prompts(
         for source in sources:
             kept: list[TrainingPrompt] = []
             dropped = 0
-            for prompt in _source_prompts(source, harmful, data_dir):
+            for prompt in _source_prompts(source, harmful, data_dir, written):
                 key = normalise(prompt.text)
                 if not key or key in seen:
                     continue
@@ -194,6 +203,7 @@ def load_training_prompts(
         "limit": limit,
         "seed": seed,
         "head_extra": len(extra),
+        "written": written,
     }
     return TrainingData(chosen, extra, report)
 
