@@ -245,6 +245,33 @@ def test_judge_added_on_resume_judges_the_earlier_rows(
     assert sum(s["n_unparsable"] for s in strict["subsets"].values()) == 0
 
 
+def test_rejudge_replaces_stored_verdicts_of_the_named_judges_only(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path
+) -> None:
+    """`eval --rejudge` judges every stored row again (a rule changed) without generating."""
+    from safesteer.evaluation.judges.keyword import StrictJudge
+
+    options = _options(tmp_path, methods=["default", "scans"], suite="xstest", limit=2)
+    evaluate(options, lm=tiny)
+    first = _rows(tmp_path)
+    stale = [{**r, "judges": {"paper": "kept", "strict": "stale"}} for r in first]
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    evaluate(_options(tmp_path, methods=["default"], suite="xstest", limit=2), lm=tiny)
+    assert {r["judges"]["strict"] for r in _rows(tmp_path)} == {"stale"}  # resume keeps verdicts
+    again_options = _options(
+        tmp_path, methods=["default"], suite="xstest", limit=2, judges=["strict"], rejudge=True
+    )
+    evaluate(again_options, lm=tiny)
+    again = _rows(tmp_path)
+    assert [r["response"] for r in again] == [r["response"] for r in first]  # nothing regenerated
+    for row in again:
+        assert row["judges"]["paper"] == "kept"  # not named: untouched
+        if row["method"] == "default":
+            assert row["judges"]["strict"] == StrictJudge().judge(row["prompt"], row["response"])
+        else:  # a method outside this run keeps what it had
+            assert row["judges"]["strict"] == "stale"
+
+
 def test_resume_refuses_rows_of_other_prompts(
     tiny: LoadedModel, data_env: Path, tmp_path: Path
 ) -> None:

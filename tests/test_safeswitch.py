@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -302,6 +303,8 @@ def test_refusal_bank() -> None:
             text = render_refusal(template, category)
             assert "{" not in text and "}" not in text
             assert is_refusal_strict(text), text  # declines in the opening
+            # and in its first sentence alone: the head may drift after it
+            assert is_refusal_strict(re.split(r"(?<=[.!?]) ", text)[0]), text
     assert "self-harm" in refusal_for("6", random.Random(0))
     assert "malicious software" in refusal_for(14, random.Random(0))
     assert GENERIC_HARM in refusal_for(None, random.Random(0))

@@ -100,6 +100,13 @@ def eval_command(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95 % intervals.")] = 1000,
     recipe: RecipeOpt = "auto",
     truncate: TruncateOpt = "none",
+    rejudge: Annotated[
+        bool,
+        typer.Option(
+            help="Judge every stored response again with --judge (after a judge's rule "
+            "changed); the responses are kept and nothing is generated again."
+        ),
+    ] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
@@ -138,6 +145,7 @@ def eval_command(
         device=resolve_device(device),
         device_map=device_map,
         truncate=truncate,
+        rejudge=rejudge,
     )
     with user_errors(RunError, JudgeRequestError):
         evaluate(options)

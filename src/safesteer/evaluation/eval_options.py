@@ -71,11 +71,12 @@ class EvalOptions:
     device: str = "cpu"
     device_map: str | None = None
     truncate: str = "none"
+    rejudge: bool = False  # judge every stored row again (a judge's rule changed)
 
     def resume_key(self) -> dict[str, Any]:
         """Settings that must match for a folder to be continued (methods and judges may grow)."""
         skip = {"methods", "judges", "batch_size", "output_dir", "device", "device_map", "dtype"}
-        skip |= {"judge_url", "judge_workers", "judge_timeout", "bootstrap"}
+        skip |= {"judge_url", "judge_workers", "judge_timeout", "bootstrap", "rejudge"}
         # absent at their defaults, so folders of older versions still resume
         if self.truncate == "none":
             skip.add("truncate")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,19 @@ def check_resumed_rows(
             "written (test data edited, or a SafeSwitch artifact that excludes its training "
             "prompts). Use another --output-dir, or delete the folder to start over."
         )
+
+
+def forget_verdicts(
+    rows: dict[tuple[str, int], dict[str, Any]], judges: Iterable[str], methods: Sequence[str]
+) -> None:
+    """Drop the stored verdicts of ``judges`` on the rows of ``methods``, so that
+    :func:`add_missing_verdicts` judges them again (``eval --rejudge``)."""
+    names = set(judges)
+    for (method, _), row in rows.items():
+        if method not in methods:
+            continue
+        for name in names & set(row.get("judges", {})):
+            del row["judges"][name]
 
 
 def add_missing_verdicts(

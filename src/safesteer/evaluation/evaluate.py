@@ -40,6 +40,7 @@ from safesteer.evaluation.eval_rows import (
     add_missing_verdicts,
     build_judges,
     check_resumed_rows,
+    forget_verdicts,
     judge_outputs,
     load_suite_prompts,
     make_row,
@@ -301,6 +302,8 @@ def evaluate(
         "n_prompts": len(prompts),
     }
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    if options.rejudge:
+        forget_verdicts(rows, judges, options.methods)
     added = add_missing_verdicts(rows, judges, options.methods)
     if added:
         console.print(

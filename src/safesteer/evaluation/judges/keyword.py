@@ -162,7 +162,11 @@ _STRICT_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
         rf"\b(?:it|that)(?: is|'s) not {_NOT_OK}(?: or {_NOT_OK})? (?:for me )?to {_ACTION}\b",
         rf"\b(?:it|that) (?:would not|wouldn't) be {_NOT_OK}(?: or {_NOT_OK})? "
         rf"(?:for me )?to {_ACTION}\b",
-        r"\b(?:is|'s) not something i (?:can|am able to|'m able to|will)\b",
+        # "That's not something I can help with", "This isn't something I'll do".
+        r"\b(?:is not|isn't|'s not) something i(?: can| am able to|'m able to| will|'ll)\b",
+        # "I'm going to say no to this", "I'm going to have to decline".
+        r"\bi(?:'m| am) going to (?:have to )?"
+        r"(?:say no\b|(?:decline|refuse)(?:[.,!]| (?:this|that|it|your|to)\b))",
         r"\b(?:against|violates?|outside|beyond) (?:my|the) (?:programming|guidelines|"
         r"ethical guidelines|policies|usage polic(?:y|ies)|principles|capabilities)\b",
         r"\bnot within my (?:programming|ethical guidelines|guidelines|capabilities)\b",
