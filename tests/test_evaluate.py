@@ -272,6 +272,28 @@ def test_rejudge_replaces_stored_verdicts_of_the_named_judges_only(
             assert row["judges"]["strict"] == "stale"
 
 
+def test_a_second_run_on_a_folder_in_use_stops_with_a_clear_error(
+    tiny: LoadedModel, data_env: Path, tmp_path: Path
+) -> None:
+    """Two evals on one folder would interleave their writes: the second one is refused."""
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "run"
+    options = _options(out, methods=["default"], suite="xstest", limit=1)
+    evaluate(options, lm=tiny)
+    rows = (out / "responses.jsonl").read_text()
+    with (out / ".lock").open("a") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match=r"another safesteer run is writing .*another --output"):
+            evaluate(_options(out, methods=["default"], suite="xstest", limit=1), lm=tiny)
+    assert (out / "responses.jsonl").read_text() == rows  # untouched
+    evaluate(options, lm=tiny)  # free again once the other run has finished
+    # a run that fails before writing anything leaves no folder behind
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RunError):
+        evaluate(_options(fresh, methods=["magic"]), lm=tiny)
+    assert not fresh.exists()
+
+
 def test_resume_refuses_rows_of_other_prompts(
     tiny: LoadedModel, data_env: Path, tmp_path: Path
 ) -> None:

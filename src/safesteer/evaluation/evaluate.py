@@ -53,6 +53,7 @@ from safesteer.evaluation.run_setup import (
     RunError,
     RunOptions,
     check_options,
+    exclusive_folder,
     fit_or_load,
     fit_prompt_lengths,
     keep_artifact,
@@ -189,8 +190,14 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run every method on the suite's prompts, judge, summarise; resumable.
 
-    ``show=False`` leaves printing the summary tables to the caller.
+    ``show=False`` leaves printing the summary tables to the caller. The output folder is locked
+    while the run writes there: a second run on it stops with a clear error.
     """
+    with exclusive_folder(Path(options.output_dir)):
+        return _evaluate(options, lm, show=show)
+
+
+def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> dict[str, Any]:
     capability = options.suite == "capability"
     if capability:
         bad = [m for m in options.methods if m not in CAPABILITY_METHODS]

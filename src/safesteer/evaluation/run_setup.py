@@ -7,12 +7,18 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+try:  # POSIX: a run's output folder is locked while it writes (see exclusive_folder)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock
+    fcntl = None  # type: ignore[assignment]
 
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
@@ -356,3 +362,37 @@ def fit_prompt_lengths(
 def check_prompt_lengths(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int) -> None:
     """Refuse prompts that cannot fit the context window with the reply (instead of hanging)."""
     fit_prompt_lengths(lm, texts, max_new_tokens)
+
+
+@contextmanager
+def exclusive_folder(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder while a run writes there.
+
+    A second run on the same folder (a resume started while the first still runs) gets a clear
+    error instead of interleaving its writes. A folder this call created is removed again if the
+    run left nothing in it (an error before any result).
+    """
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output-dir {out} is an existing file; name a folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create --output-dir {out}: {error.strerror}") from None
+    lock_path = out / ".lock"
+    handle = lock_path.open("a")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(
+                    f"another safesteer run is writing {out}; wait until it has finished, or "
+                    "use another --output-dir"
+                ) from None
+        yield
+    finally:
+        handle.close()
+        if created and [p.name for p in out.iterdir()] == [lock_path.name]:
+            lock_path.unlink()
+            out.rmdir()

@@ -28,6 +28,7 @@ from safesteer.evaluation.run_setup import (
     RunError,
     RunOptions,
     check_options,
+    exclusive_folder,
     fit_or_load,
     fit_prompt_lengths,
     keep_artifact,
@@ -185,7 +186,13 @@ def _num(value: float | None) -> str:
 
 
 def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
-    """Run SCANS over the test data, writing responses, summary and settings to the output dir."""
+    """Run SCANS over the test data, writing responses, summary and settings to the output dir
+    (locked while the run writes there)."""
+    with exclusive_folder(Path(options.output_dir)):
+        return _run(options, lm)
+
+
+def _run(options: RunOptions, lm: LoadedModel | None) -> dict[str, Any]:
     if options.method not in ("scans", "none"):
         raise RunError(f"unknown method {options.method!r}; use scans or none")
     check_options(options)
