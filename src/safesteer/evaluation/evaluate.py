@@ -193,13 +193,15 @@ def evaluate(
     ``show=False`` leaves printing the summary tables to the caller. The output folder is locked
     while the run writes there: a second run on it stops with a clear error.
     """
+    _check_methods(options)
+    check_options(options)  # before the lock: bad options never create the folder
     with exclusive_folder(Path(options.output_dir)):
         return _evaluate(options, lm, show=show)
 
 
-def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> dict[str, Any]:
-    capability = options.suite == "capability"
-    if capability:
+def _check_methods(options: EvalOptions) -> None:
+    """Refuse unknown methods, and SafeSwitch methods without their artifact."""
+    if options.suite == "capability":
         bad = [m for m in options.methods if m not in CAPABILITY_METHODS]
         if bad:
             raise RunError(
@@ -214,7 +216,10 @@ def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> di
             raise RunError(
                 f"method(s) {needs_switch} need --safeswitch-artifact DIR ({SAFESWITCH_FIT})"
             )
-    check_options(options)
+
+
+def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> dict[str, Any]:
+    capability = options.suite == "capability"
     judges = build_judges(options)
     suite = Suite("capability", ()) if capability else get_suite(options.suite)
     all_prompts = [] if capability else load_suite_prompts(suite, options.data_dir)

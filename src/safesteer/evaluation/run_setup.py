@@ -370,10 +370,9 @@ def exclusive_folder(out: Path) -> Iterator[None]:
 
     A second run on the same folder (a resume started while the first still runs) gets a clear
     error instead of interleaving its writes. A folder this call created is removed again if the
-    run left nothing in it (an error before any result).
+    run left nothing in it (an error before any result). Callers check their options first
+    (:func:`check_options`, which also refuses an output path that is a file).
     """
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output-dir {out} is an existing file; name a folder")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -188,14 +188,14 @@ def _num(value: float | None) -> str:
 def run(options: RunOptions, lm: LoadedModel | None = None) -> dict[str, Any]:
     """Run SCANS over the test data, writing responses, summary and settings to the output dir
     (locked while the run writes there)."""
+    if options.method not in ("scans", "none"):
+        raise RunError(f"unknown method {options.method!r}; use scans or none")
+    check_options(options)  # before the lock: bad options never create the folder
     with exclusive_folder(Path(options.output_dir)):
         return _run(options, lm)
 
 
 def _run(options: RunOptions, lm: LoadedModel | None) -> dict[str, Any]:
-    if options.method not in ("scans", "none"):
-        raise RunError(f"unknown method {options.method!r}; use scans or none")
-    check_options(options)
     out = Path(options.output_dir)
     resuming = _check_resume(out, options)
     # Read the test data first: a bad file fails before minutes of loading and fitting.
