@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from safesteer.evaluation.answer_rate import answer_rate_section
 from safesteer.evaluation.eval_options import EvalOptions
 from safesteer.evaluation.judges.base import EMPTY, Verdict, agreement
 from safesteer.evaluation.metrics import (
@@ -105,6 +106,7 @@ def summarise(rows: Sequence[dict[str, Any]], suite: Suite, options: EvalOptions
         "agreement": {},
         "utility": {},
         "lengths": {},
+        "answer_rate": {},
     }
     for method in methods:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["id"])
@@ -136,7 +138,7 @@ def summarise(rows: Sequence[dict[str, Any]], suite: Suite, options: EvalOptions
                 }
         summary["agreement"][method] = pairs
         utility: dict[str, Any] = {}
-        for subset in suite.utility_subsets:
+        for subset in dict.fromkeys(r["subset"] for r in mine):  # graded sets (TriviaQA)
             graded = [r for r in mine if r["subset"] == subset and r.get("correct") is not None]
             if graded:
                 accuracy = 100.0 * sum(bool(r["correct"]) for r in graded) / len(graded)
@@ -144,6 +146,10 @@ def summarise(rows: Sequence[dict[str, Any]], suite: Suite, options: EvalOptions
         if utility:
             summary["utility"][method] = utility
         summary["lengths"][method] = response_lengths(mine)
+    ordered = [r for m in methods for r in rows if r["method"] == m]
+    summary["answer_rate"] = answer_rate_section(
+        ordered, options.judges, options.bootstrap, options.seed
+    )
     return summary
 
 
@@ -173,3 +179,14 @@ def print_summary(summary: dict[str, Any]) -> None:
                 method, *cells, "-" if avg is None else f"{avg:.2f}", str(block.get("n_empty", 0))
             )
         Console().print(table)
+        for method, by_subset in summary.get("answer_rate", {}).items():
+            for subset, by_judge in by_subset.items():
+                rate = by_judge.get(judge)
+                if rate is not None:
+                    low, high = rate["ci95"] or (float("nan"), float("nan"))
+                    Console().print(
+                        f"{subset} {method}: length-controlled answer rate {rate['rate']:.1f} % "
+                        f"[{low:.1f}, {high:.1f}] ({judge} judge; answer rate "
+                        f"{rate['plain_answer_rate']:.1f} %, median length ratio "
+                        f"{rate['median_length_ratio']:.2f})"
+                    )

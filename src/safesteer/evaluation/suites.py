@@ -50,7 +50,6 @@ class Suite:
     parts: tuple[str, ...]
     main_subsets: tuple[str, ...] = ()
     metric: Metric = "refusal"
-    utility_subsets: tuple[str, ...] = ()
     weighted: dict[str, dict[str, float]] = field(default_factory=dict)
     description: str = ""
     # The system prompt every method runs under (None: the artifact's own prompt format).
@@ -83,12 +82,11 @@ SUITES: dict[str, Suite] = {
         ),
         (),
         metric="compliance",
-        utility_subsets=("trivia-qa",),
         weighted={"TrustLLM": {"trustllm-misuse-eval": 0.45, "trustllm-jailbreak-eval": 0.55}},
         description=(
-            "SafeSwitch: SORRY-Bench eval, TrustLLM, over-refusal, TriviaQA, AlpacaEval (answer "
-            "rate and length; a win rate needs an LLM judge), under SafeSwitch's helpful "
-            "system prompt"
+            "SafeSwitch: SORRY-Bench eval, TrustLLM, over-refusal, TriviaQA, AlpacaEval (the "
+            "length-controlled answer rate; a win rate needs an LLM judge), under SafeSwitch's "
+            "helpful system prompt"
         ),
         system_prompt=SAFESWITCH_SYSTEM_PROMPT,
     ),

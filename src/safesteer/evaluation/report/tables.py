@@ -306,6 +306,25 @@ def _text_quality_section(run: RunData, methods: Sequence[str]) -> dict[str, Any
     return {"methods": out}
 
 
+def _answer_rate_section(run: RunData, methods: Sequence[str]) -> dict[str, Any]:
+    """The length-controlled answer rate of summary.json, ``{method: {subset: {judge: block}}}``."""
+    stored = _dict(run.summary.get("answer_rate"))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in _ordered(methods, stored):
+        for subset, by_judge in _dict(stored.get(m)).items():
+            for judge, block in _dict(by_judge).items():
+                entry = _dict(block)
+                out.setdefault(m, {}).setdefault(str(subset), {})[str(judge)] = {
+                    "n": _int(entry.get("n")),
+                    "rate": _num(entry.get("rate")),
+                    "ci95": _ci(entry.get("ci95")),
+                    "plain_answer_rate": _num(entry.get("plain_answer_rate")),
+                    "median_length_ratio": _num(entry.get("median_length_ratio")),
+                    "min_ratio": _num(entry.get("min_ratio")),
+                }
+    return {"methods": out}
+
+
 def _utility_section(run: RunData, methods: Sequence[str]) -> dict[str, Any]:
     utility = run.summary.get("utility")
     out: dict[str, dict[str, Any]] = {}
@@ -394,6 +413,7 @@ def build_report(run: RunData) -> dict[str, Any]:
         "examples": _examples_section(run, methods, judges),
         "text_quality": _text_quality_section(run, methods),
         "utility": _utility_section(run, methods),
+        "answer_rate": _answer_rate_section(run, methods),
         "capability": _capability_section(run, methods),
         "notes": list(run.notes),
     }

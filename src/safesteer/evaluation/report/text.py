@@ -397,6 +397,37 @@ def _utility_markdown(report: Mapping[str, Any]) -> list[str]:
     return ["## Utility", "", render_table(headers, table), "", note, ""]
 
 
+def _answer_rate_markdown(report: Mapping[str, Any]) -> list[str]:
+    per_method = report["answer_rate"]["methods"]
+    if not per_method:
+        return []
+    table = []
+    ratio = None
+    for method, by_subset in per_method.items():
+        for subset, by_judge in by_subset.items():
+            for judge, block in by_judge.items():
+                ratio = block["min_ratio"] if ratio is None else ratio
+                table.append(
+                    [
+                        method,
+                        subset,
+                        judge,
+                        _fmt_int(block["n"]),
+                        _fmt_value_ci(block["rate"], block["ci95"]),
+                        _fmt(block["plain_answer_rate"]),
+                        _fmt(block["median_length_ratio"]),
+                    ]
+                )
+    headers = ["Method", "Subset", "Judge", "n", "LC answer % ↑", "answer % ↑", "length ratio"]
+    note = (
+        "Length-controlled answer rate: the reply is no refusal to the judge, is not stuck in a "
+        f"loop, and has at least {_fmt(ratio)} times the words of the default's reply to the "
+        "same prompt. Length ratio: the median of the reply's words over the default's. No "
+        "substitute for a win rate, which needs an LLM judge."
+    )
+    return ["## Answer rate", "", render_table(headers, table), "", note, ""]
+
+
 def _capability_markdown(report: Mapping[str, Any]) -> list[str]:
     cap = report["capability"]
     if not cap["methods"]:
@@ -432,5 +463,6 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out += _examples_markdown(report)
     out += _text_quality_markdown(report)
     out += _utility_markdown(report)
+    out += _answer_rate_markdown(report)
     out += _capability_markdown(report)
     return "\n".join(out).rstrip() + "\n"
