@@ -160,6 +160,11 @@ CASES: list[tuple[str, Args, str]] = [
         r"unknown --written 'some'; use all or first",
     ),
     (
+        "fit-safeswitch-harmless-budget-1",
+        lambda e: ["fit", "safeswitch", "--out", str(e.out), "--harmless-budget", "1"],
+        r"--harmless-budget must be in \[0, 1\), got 1.0",
+    ),
+    (
         "calibrate-alphas-text",
         lambda e: ["calibrate", "--out", str(e.out), "--alphas", "strong"],
         r"cannot read 'strong'",

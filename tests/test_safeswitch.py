@@ -47,6 +47,7 @@ from safesteer.methods.safeswitch.probe import (
     ProberConfig,
     budget_threshold,
     calibrate_threshold,
+    false_flag_threshold,
     train_prober,
 )
 from safesteer.methods.safeswitch.settings import SafeSwitchSettings
@@ -313,7 +314,23 @@ def test_refusal_bank() -> None:
     assert len(drawn) >= 20
 
 
-def _fitted_tiny(lm: LoadedModel) -> SafeSwitchArtifact:
+def test_false_flag_threshold_bounds_the_share_flagged() -> None:
+    probs = [0.9, 0.01, 0.5, 0.02, 0.7, 0.03, 0.8, 0.95, 0.6, 0.99]
+    for budget in (0.0, 0.1, 0.25, 0.5, 0.95):
+        t = false_flag_threshold(probs, budget)
+        assert sum(p >= t for p in probs) <= budget * len(probs)
+        assert sum(p >= t - 1e-9 for p in probs) > budget * len(probs)  # the smallest such t
+    assert false_flag_threshold(probs, 0.0) > 0.99  # nothing flagged
+    assert false_flag_threshold([], 0.05) == 0.0  # no evidence: no bound
+    with pytest.raises(ValueError, match="budget"):
+        false_flag_threshold(probs, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        false_flag_threshold([0.1, float("nan")], 0.1)
+    with pytest.raises(ValueError, match="harmless_budget"):
+        FitConfig(harmless_budget=-0.1)
+
+
+def _fitted_tiny(lm: LoadedModel, harmless_budget: float | None = None) -> SafeSwitchArtifact:
     prompts = [
         TrainingPrompt(f"{text} {i}", True, "sorry-bench-train", str(i % 45 + 1))
         for i in range(8)
@@ -329,7 +346,10 @@ def _fitted_tiny(lm: LoadedModel) -> SafeSwitchArtifact:
             return len(response) % 2 == 0
 
     config = FitConfig(
-        label_tokens=6, prober=ProberConfig(max_epochs=20), head=HeadConfig(epochs=1)
+        label_tokens=6,
+        prober=ProberConfig(max_epochs=20),
+        head=HeadConfig(epochs=1),
+        harmless_budget=harmless_budget,
     )
     extra = [TrainingPrompt("Explain how to steal a car.", True, "trustllm-misuse-train")]
     return fit_safeswitch(lm, prompts, Judge(), config, head_extra=extra)
@@ -369,6 +389,23 @@ def test_fit_artifact_round_trip_and_wrong_model(
         SafeSwitchArtifact.load(tmp_path / "ss", other)
     with pytest.raises(ArtifactError, match=r"not a safesteer artifact"):
         SafeSwitchArtifact.load(tmp_path / "missing", lm)
+
+
+def test_harmless_budget_raises_stage1_threshold_until_validation_harmless_pass(
+    tiny_models: dict[str, LoadedModel],
+) -> None:
+    lm = tiny_models["llama"]
+    free = _fitted_tiny(lm)
+    bounded = _fitted_tiny(lm, harmless_budget=0.0)
+    bound = bounded.report["stage1_false_flags"]
+    assert "stage1_false_flags" not in free.report
+    assert bound["balanced_threshold"] == free.settings.threshold1  # same fit otherwise
+    assert bounded.settings.threshold1 == bound["threshold"] >= free.settings.threshold1
+    assert bound["val_harmless_flagged_after"] == 0.0
+    assert bound["val_harmless_flagged_after"] <= bound["val_harmless_flagged_before"]
+    assert bound["val_harmful_flagged_after"] <= bound["val_harmful_flagged_before"]
+    assert bounded.report["stage1"]["threshold"] == bounded.settings.threshold1
+    assert bounded.settings.threshold2 == free.settings.threshold2
 
 
 def test_label_generation_features(tiny_models: dict[str, LoadedModel]) -> None:

@@ -68,6 +68,13 @@ def fit_safeswitch_command(
             "the threshold below which rows are steered away from refusal."
         ),
     ] = 0.05,
+    harmless_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Stage 1 flags at most this share of the validation split's harmless prompts: "
+            "its threshold is raised to meet it (e.g. 0.02). Default: no bound."
+        ),
+    ] = None,
     n_decode: Annotated[int, typer.Option(help="Pilot tokens before stage 2 and the switch.")] = 3,
     label_tokens: Annotated[int, typer.Option(help="Tokens of each answer the judge labels.")] = 48,
     lr: Annotated[float, typer.Option(help="Prober learning rate (AdamW).")] = 1e-3,
@@ -132,6 +139,9 @@ def fit_safeswitch_command(
     if not 0.0 <= steer_budget < 1.0:
         err.print(f"[red]error:[/red] --steer-budget must be in [0, 1), got {steer_budget}")
         raise typer.Exit(2)
+    if harmless_budget is not None and not 0.0 <= harmless_budget < 1.0:
+        err.print(f"[red]error:[/red] --harmless-budget must be in [0, 1), got {harmless_budget}")
+        raise typer.Exit(2)
     if not head_repetition_penalty > 0:
         err.print(
             "[red]error:[/red] --head-repetition-penalty must be positive (1.0: none), "
@@ -171,6 +181,7 @@ def fit_safeswitch_command(
             seed=seed,
             thresholds=thresholds,
             steer_budget=steer_budget,
+            harmless_budget=harmless_budget,
             head_repetition_penalty=head_repetition_penalty,
             prober=replace(ProberConfig(), lr=lr),
             head=replace(HeadConfig(), prompts=head_prompts, epochs=head_epochs, lr=head_lr),
@@ -229,6 +240,16 @@ def _print_fit_summary(
             f"scans+safeswitch steers below P(harmful) {steer['steer_below']:.3f} (budget "
             f"{steer['budget']}): test harmful {_fmt(steer['test_harmful_steered'])}, harmless "
             f"{_fmt(steer['test_harmless_steered'])} steered"
+        )
+    bound = report.get("stage1_false_flags")
+    if bound:
+        err.print(
+            f"stage 1 false-flag budget {bound['budget']}: threshold "
+            f"{bound['balanced_threshold']:.3f} → {bound['threshold']:.3f}; validation harmless "
+            f"flagged {_fmt(bound['val_harmless_flagged_before'])} → "
+            f"{_fmt(bound['val_harmless_flagged_after'])}, harmful "
+            f"{_fmt(bound['val_harmful_flagged_before'])} → "
+            f"{_fmt(bound['val_harmful_flagged_after'])}"
         )
     head = report["head"]
     err.print(

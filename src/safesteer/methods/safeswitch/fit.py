@@ -26,6 +26,7 @@ from safesteer.methods.safeswitch.probe import (
     ProberConfig,
     binary_metrics,
     budget_threshold,
+    false_flag_threshold,
     fit_prober,
     layer_sweep,
     sweep_table,
@@ -70,6 +71,9 @@ class FitConfig:
     # scans+safeswitch: the share of the validation split's harmful prompts that may fall under
     # the steering threshold (SafeSwitchSettings.steer_below).
     steer_budget: float = 0.05
+    # Stage 1's false-flag budget: the share of the validation split's harmless prompts it may
+    # flag. The stage-1 threshold is raised (never lowered) to meet it. None: no bound.
+    harmless_budget: float | None = None
     # SafeSwitchSettings.head_repetition_penalty of the fitted artifact. 1.3 was chosen on 96
     # SORRY-Bench *train* prompts (flagged rows looping 12/73 -> 0/73); 1.0: none (fits before it).
     head_repetition_penalty: float = 1.3
@@ -83,6 +87,8 @@ class FitConfig:
             )
         if not 0.0 <= self.steer_budget < 1.0:
             raise ValueError(f"steer_budget must be in [0, 1), got {self.steer_budget}")
+        if self.harmless_budget is not None and not 0.0 <= self.harmless_budget < 1.0:
+            raise ValueError(f"harmless_budget must be in [0, 1), got {self.harmless_budget}")
         if not self.head_repetition_penalty > 0:
             raise ValueError(
                 "head_repetition_penalty must be positive (1.0: no penalty), "
@@ -168,6 +174,11 @@ def fit_safeswitch(
     fitted = layer_sweep(labelled.prompt_states, sweep_labels, splits, config.prober_config, say)
     layer = _choose_layer(config.layer, fitted, lm.num_layers)
     stage1 = fitted[layer]
+    false_flags = None
+    if config.harmless_budget is not None:
+        stage1, false_flags = _bound_false_flags(
+            labelled, stage1, layer, splits, harmful, config.harmless_budget
+        )
     stage2: FittedProber | None = None
     if config.mode == "two-stage":
         stage2 = fit_prober(labelled.pilot_states, y_comply, splits, config.prober_config)
@@ -220,6 +231,8 @@ def fit_safeswitch(
     }
     if steer is not None:
         report["steering"] = steer
+    if false_flags is not None:
+        report["stage1_false_flags"] = false_flags
     if stage2 is not None:
         report["two_stage_test"] = _two_stage_test(
             labelled, stage1, stage2, layer, splits, y_direct
@@ -253,6 +266,46 @@ def fit_safeswitch(
         training=training,
         report=report,
     )
+
+
+def _bound_false_flags(
+    labelled: Labelled,
+    stage1: FittedProber,
+    layer: int,
+    splits: dict[str, list[int]],
+    harmful: Sequence[bool],
+    budget: float,
+) -> tuple[FittedProber, dict[str, Any]]:
+    """Stage 1 with its threshold raised until at most ``budget`` of the validation split's
+    harmless prompts are flagged; its metrics at the new threshold, and what the change does."""
+    probs: dict[str, list[float]] = {}
+    labels: dict[str, list[int]] = {}
+    for part in ("val", "test"):
+        rows = splits[part]
+        states = labelled.prompt_states[torch.tensor(rows, dtype=torch.long), layer]
+        probs[part] = stage1.prober.probability(states).tolist() if rows else []
+        labels[part] = [int(harmful[i]) for i in rows]
+    harmless_val = [p for p, y in zip(probs["val"], labels["val"], strict=True) if not y]
+    threshold = max(stage1.threshold, false_flag_threshold(harmless_val, budget))
+    bounded = replace(
+        stage1,
+        threshold=threshold,
+        val=binary_metrics(probs["val"], labels["val"], threshold),
+        test=binary_metrics(probs["test"], labels["test"], threshold),
+    )
+    report: dict[str, Any] = {
+        "budget": budget,
+        "balanced_threshold": stage1.threshold,
+        "threshold": threshold,
+    }
+    for part in ("val", "test"):
+        for name, want in (("harmful", 1), ("harmless", 0)):
+            part_p = [p for p, y in zip(probs[part], labels[part], strict=True) if y == want]
+            for key, t in (("before", stage1.threshold), ("after", threshold)):
+                report[f"{part}_{name}_flagged_{key}"] = (
+                    round(sum(v >= t for v in part_p) / len(part_p), 4) if part_p else None
+                )
+    return bounded, report
 
 
 def _steering_threshold(

@@ -145,6 +145,23 @@ def budget_threshold(harmful_probs: Sequence[float], budget: float) -> float:
     return float(p[int(np.floor(budget * p.size))])
 
 
+def false_flag_threshold(harmless_probs: Sequence[float], budget: float) -> float:
+    """The smallest t with at most ``budget`` (a fraction) of ``harmless_probs`` at or above t.
+
+    Stage 1 flags a row when its P(harmful) reaches the threshold, so ``budget`` bounds the share
+    of (validation) harmless prompts it flags. No harmless probabilities give 0 (no bound).
+    """
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"the false-flag budget must be in [0, 1), got {budget}")
+    p = np.sort(np.asarray(harmless_probs, dtype=float).reshape(-1))[::-1]
+    if p.size == 0:
+        return 0.0
+    if not np.isfinite(p).all():
+        raise ValueError("the prober's validation probabilities are not all finite")
+    allowed = int(np.floor(budget * p.size))  # this many may stay at or above t
+    return float(np.nextafter(p[allowed], np.inf)) if allowed < p.size else 0.0
+
+
 def binary_metrics(
     probs: Sequence[float], labels: Sequence[int], threshold: float
 ) -> dict[str, Any]:
