@@ -135,11 +135,12 @@ def _mem_total_gib() -> float | None:
     return None
 
 
-def load_lm(device: str) -> Any:
-    """Load the embedded model on ``device`` (float32 on CPU, the loader's default elsewhere)."""
+def load_lm(device: str, model: str | None = None) -> Any:
+    """Load ``model`` (default: the embedded one) on ``device`` (float32 on CPU, the loader's
+    default elsewhere)."""
     from safesteer.models import load_model
 
-    return load_model(device=device)
+    return load_model(model, device=device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    RESULTS_DIR,
     Report,
     Target,
     build_parser,
@@ -75,10 +76,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--artifact",
         type=Path,
         default=None,
-        help=f"a SafeSwitch artifact fitted on the embedded model (default {DEFAULT_ARTIFACT} if "
-        "it exists, else a random timing artifact)",
+        help=f"a SafeSwitch artifact fitted on the model (embedded model: default "
+        f"{DEFAULT_ARTIFACT} if it exists; else a random timing artifact)",
     )
-    args = finish_args(parser.parse_args(argv))
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a model of `safesteer models list` or a path (default: the embedded model); "
+        "results go to benchmarks/results/safeswitch_overhead.MODEL.json",
+    )
+    args = parser.parse_args(argv)
+    if args.model and args.out is None:
+        suffix = ".quick.json" if args.quick else ".json"
+        args.out = RESULTS_DIR / f"{NAME}.{Path(args.model).name}{suffix}"
+    args = finish_args(args)
     from safesteer.core.generation import GenerationConfig, generate_ids
     from safesteer.core.layout import ChatLayout
     from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
@@ -90,15 +101,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"`safesteer fit safeswitch --limit 200 --out {args.artifact}` first, or omit "
             "--artifact to time a random timing artifact"
         )
-    lm = load_lm(args.device)
-    folder = args.artifact or DEFAULT_ARTIFACT
-    if (folder / "manifest.json").exists():
+    lm = load_lm(args.device, args.model)
+    # the default folder holds an artifact of the embedded model only
+    folder = args.artifact or (DEFAULT_ARTIFACT if args.model is None else None)
+    if folder is not None and (folder / "manifest.json").exists():
         artifact = SafeSwitchArtifact.load(folder, lm)
         artifact_used = str(folder)
     else:
         print(
-            f"no SafeSwitch artifact at {folder}: timing a random artifact of the same shapes "
-            f"(fit one with `safesteer fit safeswitch --limit 200 --out {folder}`)",
+            "no SafeSwitch artifact given or found: timing a random artifact of the same "
+            "shapes (fit one with `safesteer fit safeswitch --out DIR`, then pass --artifact DIR)",
             flush=True,
         )
         artifact = timing_artifact(lm, args.seed)
@@ -140,7 +152,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = Report(
         NAME,
         args,
-        {"rows": rows, "new_tokens": new_tokens, "artifact": artifact_used},
+        {
+            "rows": rows,
+            "new_tokens": new_tokens,
+            "artifact": artifact_used,
+            "model": args.model or "embedded",
+        },
     )
     report.table(
         f"SafeSwitch vs plain generation ({rows} rows x {new_tokens} tokens, medians)",
