@@ -174,10 +174,11 @@ def fit_safeswitch(
     fitted = layer_sweep(labelled.prompt_states, sweep_labels, splits, config.prober_config, say)
     layer = _choose_layer(config.layer, fitted, lm.num_layers)
     stage1 = fitted[layer]
+    p1 = _stage1_probabilities(labelled, stage1, layer, splits)
     false_flags = None
     if config.harmless_budget is not None:
         stage1, false_flags = _bound_false_flags(
-            labelled, stage1, layer, splits, harmful, config.harmless_budget
+            stage1, p1, splits, harmful, config.harmless_budget
         )
     stage2: FittedProber | None = None
     if config.mode == "two-stage":
@@ -210,7 +211,7 @@ def fit_safeswitch(
 
     steer = None
     if stage2 is not None:
-        steer = _steering_threshold(labelled, stage1, layer, splits, harmful, config.steer_budget)
+        steer = _steering_threshold(stage1, p1, splits, harmful, config.steer_budget)
     settings = SafeSwitchSettings(
         mode=config.mode,
         layer=layer,
@@ -268,62 +269,67 @@ def fit_safeswitch(
     )
 
 
+def _stage1_probabilities(
+    labelled: Labelled, stage1: FittedProber, layer: int, splits: dict[str, list[int]]
+) -> dict[int, float]:
+    """Stage 1's P(harmful) of every validation and test row (one prober pass)."""
+    rows = splits["val"] + splits["test"]
+    if not rows:
+        return {}
+    states = labelled.prompt_states[torch.tensor(rows, dtype=torch.long), layer]
+    return dict(
+        zip(rows, (float(v) for v in stage1.prober.probability(states).tolist()), strict=True)
+    )
+
+
+def _share(values: Sequence[float], threshold: float, *, below: bool) -> float | None:
+    """The share of ``values`` below ``threshold`` (steered) or at or above it (flagged)."""
+    if not values:
+        return None
+    hits = sum((v < threshold) if below else (v >= threshold) for v in values)
+    return round(hits / len(values), 4)
+
+
 def _bound_false_flags(
-    labelled: Labelled,
     stage1: FittedProber,
-    layer: int,
+    p1: dict[int, float],
     splits: dict[str, list[int]],
     harmful: Sequence[bool],
     budget: float,
 ) -> tuple[FittedProber, dict[str, Any]]:
     """Stage 1 with its threshold raised until at most ``budget`` of the validation split's
     harmless prompts are flagged; its metrics at the new threshold, and what the change does."""
-    probs: dict[str, list[float]] = {}
-    labels: dict[str, list[int]] = {}
-    for part in ("val", "test"):
-        rows = splits[part]
-        states = labelled.prompt_states[torch.tensor(rows, dtype=torch.long), layer]
-        probs[part] = stage1.prober.probability(states).tolist() if rows else []
-        labels[part] = [int(harmful[i]) for i in rows]
-    harmless_val = [p for p, y in zip(probs["val"], labels["val"], strict=True) if not y]
+    harmless_val = [p1[i] for i in splits["val"] if not harmful[i]]
     threshold = max(stage1.threshold, false_flag_threshold(harmless_val, budget))
-    bounded = replace(
-        stage1,
-        threshold=threshold,
-        val=binary_metrics(probs["val"], labels["val"], threshold),
-        test=binary_metrics(probs["test"], labels["test"], threshold),
-    )
+    metrics = {
+        part: binary_metrics(
+            [p1[i] for i in splits[part]], [int(harmful[i]) for i in splits[part]], threshold
+        )
+        for part in ("val", "test")
+    }
+    bounded = replace(stage1, threshold=threshold, val=metrics["val"], test=metrics["test"])
     report: dict[str, Any] = {
         "budget": budget,
         "balanced_threshold": stage1.threshold,
         "threshold": threshold,
     }
     for part in ("val", "test"):
-        for name, want in (("harmful", 1), ("harmless", 0)):
-            part_p = [p for p, y in zip(probs[part], labels[part], strict=True) if y == want]
+        for name, want in (("harmful", True), ("harmless", False)):
+            part_p = [p1[i] for i in splits[part] if harmful[i] == want]
             for key, t in (("before", stage1.threshold), ("after", threshold)):
-                report[f"{part}_{name}_flagged_{key}"] = (
-                    round(sum(v >= t for v in part_p) / len(part_p), 4) if part_p else None
-                )
+                report[f"{part}_{name}_flagged_{key}"] = _share(part_p, t, below=False)
     return bounded, report
 
 
 def _steering_threshold(
-    labelled: Labelled,
     stage1: FittedProber,
-    layer: int,
+    p1: dict[int, float],
     splits: dict[str, list[int]],
     harmful: Sequence[bool],
     budget: float,
 ) -> dict[str, Any]:
     """The combined method's steering threshold from the validation split, and what it does there
     and on the test split (share of harmful and of harmless prompts that would be steered)."""
-
-    rows = splits["val"] + splits["test"]
-    p1: dict[int, float] = {}
-    if rows:  # one prober pass over both splits
-        p = stage1.prober.probability(labelled.prompt_states[torch.tensor(rows), layer])
-        p1 = dict(zip(rows, (float(v) for v in p.tolist()), strict=True))
     t = min(
         stage1.threshold, budget_threshold([p1[i] for i in splits["val"] if harmful[i]], budget)
     )
@@ -331,9 +337,7 @@ def _steering_threshold(
     for part in ("val", "test"):
         for name, want in (("harmful", True), ("harmless", False)):
             part_p = [p1[i] for i in splits[part] if harmful[i] == want]
-            out[f"{part}_{name}_steered"] = (
-                round(sum(v < t for v in part_p) / len(part_p), 4) if part_p else None
-            )
+            out[f"{part}_{name}_steered"] = _share(part_p, t, below=True)
     return out
 
 
