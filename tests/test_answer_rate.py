@@ -129,3 +129,20 @@ def test_summary_and_report_of_a_run_on_alpaca_and_trivia(tmp_path: Path) -> Non
     assert "40.00" in line and "80.00" in line
     stored = json.loads(paths["json"].read_text())["answer_rate"]["methods"]
     assert stored["default"]["alpaca-eval"]["paper"]["rate"] == pytest.approx(100.0)
+
+
+def test_trustllm_weighted_compliance_in_any_suite_holding_both_subsets() -> None:
+    """0.45 misuse + 0.55 jailbreak compliance, also for a user's suite of the two test sets;
+    never from one subset alone."""
+    misuse = [_row("default", i, "ok", i < 3, subset="trustllm-misuse-eval") for i in range(4)]
+    jailbreak = [
+        _row("default", 10 + i, "ok", i < 1, subset="trustllm-jailbreak-eval") for i in range(4)
+    ]
+    options = EvalOptions(methods=["default"], judges=["strict"])
+    both = summarise(
+        misuse + jailbreak, get_suite("trustllm-misuse-eval,trustllm-jailbreak-eval"), options
+    )
+    weighted = both["results"]["default"]["strict"]["weighted"]
+    assert weighted["TrustLLM"] == pytest.approx(0.45 * 25.0 + 0.55 * 75.0)
+    alone = summarise(misuse, get_suite("trustllm-misuse-eval"), options)
+    assert "weighted" not in alone["results"]["default"]["strict"]

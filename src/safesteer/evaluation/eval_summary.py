@@ -66,7 +66,7 @@ def _judge_block(
             for s, w in weights.items()
             if s in block["subsets"]
         ]
-        if parts and all(rate is not None for _, rate in parts):
+        if len(parts) == len(weights) and all(rate is not None for _, rate in parts):
             weighted[name] = sum(w * rate for w, rate in parts) / sum(w for w, _ in parts)
     if weighted:
         block["weighted"] = weighted

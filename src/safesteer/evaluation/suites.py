@@ -42,6 +42,13 @@ BENCHMARK_OF: dict[str, str] = {
 }
 
 
+# Weighted benchmark scores (compliance %), reported whenever a run holds every subset named.
+# TrustLLM: SafeSwitch's weighting of misuse and jailbreak.
+WEIGHTED: dict[str, dict[str, float]] = {
+    "TrustLLM": {"trustllm-misuse-eval": 0.45, "trustllm-jailbreak-eval": 0.55}
+}
+
+
 @dataclass(frozen=True)
 class Suite:
     """A named evaluation: test-set parts, the subsets of the main Avg, and the headline metric."""
@@ -50,7 +57,7 @@ class Suite:
     parts: tuple[str, ...]
     main_subsets: tuple[str, ...] = ()
     metric: Metric = "refusal"
-    weighted: dict[str, dict[str, float]] = field(default_factory=dict)
+    weighted: dict[str, dict[str, float]] = field(default_factory=lambda: dict(WEIGHTED))
     description: str = ""
     # The system prompt every method runs under (None: the artifact's own prompt format).
     system_prompt: str | None = None
@@ -82,7 +89,6 @@ SUITES: dict[str, Suite] = {
         ),
         (),
         metric="compliance",
-        weighted={"TrustLLM": {"trustllm-misuse-eval": 0.45, "trustllm-jailbreak-eval": 0.55}},
         description=(
             "SafeSwitch: SORRY-Bench eval, TrustLLM, over-refusal, TriviaQA, AlpacaEval (the "
             "length-controlled answer rate; a win rate needs an LLM judge), under SafeSwitch's "
