@@ -158,3 +158,35 @@ def test_real_tokens_of_the_single_forward_mask(tokenizer: PreTrainedTokenizerFa
     with timed_forwards(lm.model, "cpu") as timer:
         single_forward_fused(lm, artifact, queries, GenerationConfig(max_new_tokens=2))
     assert timer.calls[0].real_tokens() == expected
+
+
+def test_safeswitch_overhead_times_a_named_model_and_writes_its_own_result(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model DIR`` loads that model (not the embedded one), never takes the embedded model's
+    default artifact, and writes ``safeswitch_overhead.<name>.quick.json``."""
+    import benchmarks.safeswitch_overhead as bench
+
+    folder = tmp_path / "tiny-llama"
+    tiny = build_tiny("llama", tokenizer, seed=0)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(bench, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(bench, "DEFAULT_ARTIFACT", tmp_path / "no-such-artifact")
+    loaded: list[Any] = []
+    real_load = bench.load_lm
+
+    def spy_load(device: str, model: str | None = None) -> Any:
+        loaded.append(real_load(device, model))
+        return loaded[-1]
+
+    monkeypatch.setattr(bench, "load_lm", spy_load)
+    bench.main(["--quick", "--reps", "1", "--model", str(folder)])
+    assert len(loaded) == 1 and loaded[0].hidden_size == tiny.hidden_size
+    assert loaded[0].num_layers == tiny.num_layers
+    result = json.loads(
+        (tmp_path / "results" / "safeswitch_overhead.tiny-llama.quick.json").read_text()
+    )
+    assert result["settings"]["model"] == str(folder)
+    assert result["settings"]["artifact"].startswith("timing artifact")
+    assert [row[0] for row in result["tables"][0]["rows"]] == ["plain", "unflagged", "half flagged"]
