@@ -128,6 +128,17 @@ def calibrate_threshold(probs: Sequence[float], labels: Sequence[int]) -> float:
     return best_t
 
 
+def _ranked_within_budget(probs: Sequence[float], budget: float, what: str) -> np.ndarray:
+    """``probs`` sorted ascending, after checking ``budget`` lies in [0, 1) and every probability
+    is finite (``what`` names the budget in the error)."""
+    if not 0.0 <= budget < 1.0:
+        raise ValueError(f"the {what} budget must be in [0, 1), got {budget}")
+    p = np.sort(np.asarray(probs, dtype=float).reshape(-1))
+    if not np.isfinite(p).all():
+        raise ValueError("the prober's validation probabilities are not all finite")
+    return p
+
+
 def budget_threshold(harmful_probs: Sequence[float], budget: float) -> float:
     """The largest t with at most ``budget`` (a fraction) of ``harmful_probs`` below t.
 
@@ -135,14 +146,8 @@ def budget_threshold(harmful_probs: Sequence[float], budget: float) -> float:
     t, so ``budget`` bounds the share of (validation) harmful prompts that would be steered. No
     harmful probabilities give 0 (nothing can be bounded, so nothing is steered).
     """
-    if not 0.0 <= budget < 1.0:
-        raise ValueError(f"the steering budget must be in [0, 1), got {budget}")
-    p = np.sort(np.asarray(harmful_probs, dtype=float).reshape(-1))
-    if p.size == 0:
-        return 0.0
-    if not np.isfinite(p).all():
-        raise ValueError("the prober's validation probabilities are not all finite")
-    return float(p[int(np.floor(budget * p.size))])
+    p = _ranked_within_budget(harmful_probs, budget, "steering")
+    return float(p[int(np.floor(budget * p.size))]) if p.size else 0.0
 
 
 def false_flag_threshold(harmless_probs: Sequence[float], budget: float) -> float:
@@ -151,15 +156,11 @@ def false_flag_threshold(harmless_probs: Sequence[float], budget: float) -> floa
     Stage 1 flags a row when its P(harmful) reaches the threshold, so ``budget`` bounds the share
     of (validation) harmless prompts it flags. No harmless probabilities give 0 (no bound).
     """
-    if not 0.0 <= budget < 1.0:
-        raise ValueError(f"the false-flag budget must be in [0, 1), got {budget}")
-    p = np.sort(np.asarray(harmless_probs, dtype=float).reshape(-1))[::-1]
-    if p.size == 0:
+    p = _ranked_within_budget(harmless_probs, budget, "false-flag")[::-1]
+    if not p.size:
         return 0.0
-    if not np.isfinite(p).all():
-        raise ValueError("the prober's validation probabilities are not all finite")
-    allowed = int(np.floor(budget * p.size))  # this many may stay at or above t
-    return float(np.nextafter(p[allowed], np.inf)) if allowed < p.size else 0.0
+    allowed = int(np.floor(budget * p.size))  # this many may stay at or above t; < p.size
+    return float(np.nextafter(p[allowed], np.inf))
 
 
 def binary_metrics(
