@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import BENIGN, HARMFUL
@@ -14,6 +17,7 @@ from safesteer.datasets import Prompt
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.calibrate import CalibrationConfig, Calibrator
 from safesteer.methods.scans.calibration_cache import (
+    EntryCache,
     cached_json,
     cached_rows,
     cached_texts,
@@ -147,3 +151,80 @@ def test_settings_summary_names_the_choice_and_copes_without_a_threshold() -> No
     line = settings.summary()
     assert "gate probe (layers [14, 15]" in line and "T 0.316" in line and "away add" in line
     assert "T not set" in replace(settings, threshold=None).summary()
+
+
+def test_chunked_stages_keep_finished_chunks_when_stopped(tmp_path: Path) -> None:
+    path, asked, heard = tmp_path / "replies.json", [], []
+
+    def reply(missing: list[str]) -> list[str]:
+        if "stop" in missing:
+            raise KeyboardInterrupt
+        asked.append(list(missing))
+        return [t.upper() for t in missing]
+
+    texts = ["a", "b", "c", "stop", "e"]
+    with pytest.raises(KeyboardInterrupt):
+        cached_texts(path, "k", texts, reply, chunk=2, announce=heard.append)
+    assert asked == [["a", "b"]] and heard == [5]
+    texts[3] = "d"
+    assert cached_texts(path, "k", texts, reply, chunk=2, announce=heard.append) == list("ABCDE")
+    assert asked[1:] == [["c", "d"], ["e"]] and heard == [5, 3]
+    cached_texts(path, "k", texts, reply, chunk=2, announce=heard.append)
+    assert heard == [5, 3]  # nothing missing: nothing announced
+
+    rows_path = tmp_path / "rows.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        cached_rows(rows_path, "k", ["xy", "z", "stop"], lambda m: reply(m) and _rows_of(m), 2)
+    again = cached_rows(rows_path, "k", ["xy", "z"], lambda m: pytest.fail(f"recomputed {m}"))
+    assert torch.equal(again, _rows_of(["xy", "z"]))
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        cached_texts(tmp_path / "other.json", "k", ["a"], reply, chunk=0)
+
+
+def test_entry_cache_saves_each_entry_and_starts_afresh_for_another_key(tmp_path: Path) -> None:
+    path = tmp_path / "partial.json"
+    first = EntryCache(path, "k")
+    assert first.get("one", lambda: {"x": 1.5}) == {"x": 1.5}
+    reopened = EntryCache(path, "k")
+    assert reopened.get("one", lambda: pytest.fail("recomputed")) == {"x": 1.5}
+    assert EntryCache(path, "other").get("one", lambda: 7) == 7
+
+
+def test_screen_continues_from_the_candidates_it_scored_before_a_stop(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safesteer.methods.scans.calibrate as calibrate
+
+    lm = tiny_models["llama"]
+    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    kinds = ["scary", "scary", "plain", "plain"]
+    validation = [
+        Prompt(t, "safe", "validation", {"kind": k}) for t, k in zip(BENIGN[:4], kinds, strict=True)
+    ]
+    config = CalibrationConfig(
+        alphas=(0.1, 0.2), window=2, window_stride=lm.num_layers, cap_quantiles=(0.5,)
+    )
+    calibrator = Calibrator(lm, HARMFUL[:2], BENIGN[:2], validation, tmp_path, config)
+    refused = np.asarray([True, True, False, False])
+    replies = ["I cannot help with that.", "Sorry, no.", "Sure, here it is.", "Of course."]
+    last = torch.randn(4, lm.num_layers, lm.hidden_size, generator=torch.Generator().manual_seed(0))
+    args = (base, {"paper": base.vectors}, replies, refused, last)
+    whole = calibrator.screen(*args)
+    real, calls = calibrate.reply_logprobs, [0]
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2 + 2 * 2 + 1:  # the third candidate's first pass
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(calibrate, "reply_logprobs", counted)
+    measured = EntryCache(tmp_path / "screen-partial.json", "key")
+    with pytest.raises(KeyboardInterrupt):
+        calibrator.screen(*args, measured)
+    calls[0] = -1000  # no further stop
+    resumed = calibrator.screen(*args, EntryCache(tmp_path / "screen-partial.json", "key"))
+    assert calls[0] == -1000 + 2 + 2 * (len(whole) - 2)  # two candidates were not scored again
+    assert [r["alpha"] for r in resumed] == [r["alpha"] for r in whole]
+    for got, want in zip(resumed, whole, strict=True):
+        assert got["refusal_logprob_drop"] == pytest.approx(want["refusal_logprob_drop"], rel=1e-5)

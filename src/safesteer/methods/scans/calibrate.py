@@ -24,6 +24,7 @@ rerun continues where it stopped and a grown validation set computes only its ne
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -41,6 +42,7 @@ from safesteer.datasets import Prompt
 from safesteer.evaluation.judges.keyword import is_refusal_strict
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.calibration_cache import (
+    EntryCache,
     cached_json,
     cached_rows,
     cached_texts,
@@ -49,6 +51,7 @@ from safesteer.methods.scans.calibration_cache import (
     save_json,
     texts_sha256,
 )
+from safesteer.methods.scans.calibration_config import SCREEN_OPTIONS, CalibrationConfig
 from safesteer.methods.scans.decide import unsteered
 from safesteer.methods.scans.directions import (
     choose_steering,
@@ -75,39 +78,6 @@ from safesteer.methods.scans.policy_choice import (
 from safesteer.methods.scans.settings import POLICIES, Policy, default_settings
 
 Progress = Callable[[str], None]
-# the options the screen's results depend on (its cache key)
-SCREEN_OPTIONS = (
-    "alphas",
-    "window",
-    "window_stride",
-    "fluency_budget",
-    "screen_rows",
-    "cap_quantiles",
-    "text_windows",
-    "text_window",
-)
-
-
-@dataclass
-class CalibrationConfig:
-    """Search space and budgets of ``safesteer calibrate``."""
-
-    alphas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)  # relative to the residual norm
-    window: int = 4  # steering layers per candidate window
-    window_stride: int = 2
-    fluency_budget: float = 0.10  # largest allowed relative rise of plain-answer perplexity
-    unsafe_budget: float = 2.0  # largest allowed drop of validation unsafe refusal (points)
-    plain_budget: float = 2.0  # largest allowed rise of plain-prompt refusal (points)
-    gen_tokens: int = 24  # refusals show in the opening of a reply
-    probe_layers: int = 3
-    batch_size: int = 16
-    seed: int = 0
-    screen_rows: int = 24  # over-refused safe prompts / plain prompts used for screening
-    # clamped away-steering: caps at these quantiles of the answered safe validation prompts'
-    # projections on the direction (lower = stronger); empty = additive steering only
-    cap_quantiles: tuple[float, ...] = (0.5, 0.25, 0.1, 0.0)
-    text_windows: int = 12  # windows of the fluency text (MMLU dev) scored per candidate
-    text_window: int = 512
 
 
 @dataclass
@@ -161,13 +131,19 @@ class Calibrator:
         reply_len = len(layout.reply_ids("Sure"))
 
         def record(missing: list[str]) -> torch.Tensor:
-            self.say(f"recording states of {len(missing)} prompts at every layer")
             encoded = [layout.encode(t, "Sure").input_ids for t in missing]
             positions = [-1 - reply_len, -1]
             return capture(self.lm, encoded, positions, batch_size=self.config.batch_size)
 
         key = fingerprint(model_key(self.lm), "states", "Sure")
-        return cached_rows(self.out / "states.safetensors", key, texts, record)
+        return cached_rows(
+            self.out / "states.safetensors",
+            key,
+            texts,
+            record,
+            chunk=self.config.save_every,
+            announce=lambda n: self.say(f"recording states of {n} prompts at every layer"),
+        )
 
     # stage 2 and 5 ---------------------------------------------------------------------------
     def replies(self, name: str, artifact: ScansArtifact, coefficient: float) -> list[str]:
@@ -189,7 +165,6 @@ class Calibrator:
         )
 
         def generate(missing: list[str]) -> list[str]:
-            self.say(f"generating validation replies ({name}, {len(missing)} prompts)")
             results = scans_generate(
                 self.lm,
                 artifact,
@@ -201,7 +176,14 @@ class Calibrator:
             return [r.response for r in results]
 
         key = fingerprint(model_key(self.lm), "replies", *steering)
-        return cached_texts(self.out / f"replies-{name}.json", key, self.texts, generate)
+        return cached_texts(
+            self.out / f"replies-{name}.json",
+            key,
+            self.texts,
+            generate,
+            chunk=self.config.save_every,
+            announce=lambda n: self.say(f"generating validation replies ({name}, {n} prompts)"),
+        )
 
     # stage 4 ---------------------------------------------------------------------------------
     def _text_ids(self) -> tuple[list[list[int]], list[list[int]]] | None:
@@ -244,9 +226,11 @@ class Calibrator:
         default_replies: list[str],
         refused: np.ndarray,
         last_states: torch.Tensor,
+        measured: EntryCache | None = None,
     ) -> list[dict[str, Any]]:
         """Refusal log-prob drop and fluency cost for every direction x window x alpha, and for
-        clamped away-steering at several caps (``last_states``: validation states at ``p``)."""
+        clamped away-steering at several caps (``last_states``: validation states at ``p``;
+        ``measured`` keeps each candidate's row as soon as it is scored)."""
         layout = ChatLayout(self.lm.tokenizer)
         safe = np.asarray([lab == "safe" for lab in self.labels])
         kinds = [p.meta.get("kind") for p in self.validation]
@@ -276,6 +260,17 @@ class Calibrator:
         def measure(
             name: str, window: tuple[int, ...], alpha: float, quantile: float | None = None
         ) -> dict[str, Any]:
+            def score() -> dict[str, Any]:
+                return score_candidate(name, window, alpha, quantile)
+
+            entry = json.dumps([name, list(window), alpha, quantile])
+            row: dict[str, Any] = score() if measured is None else measured.get(entry, score)
+            rows.append(row)
+            return row
+
+        def score_candidate(
+            name: str, window: tuple[int, ...], alpha: float, quantile: float | None
+        ) -> dict[str, Any]:
             vectors = {
                 layer: alpha * float(base.layer_norms[layer]) * directions[name][layer]
                 for layer in window
@@ -294,7 +289,7 @@ class Calibrator:
             if text_ids is not None and base_text is not None:
                 lp_text = reply_logprobs(self.lm, *text_ids, vectors, -1.0, 2, caps)
                 text_ratio = float(math.exp(float(np.mean(base_text - lp_text))))
-            row = {
+            return {
                 "direction": name,
                 "layers": list(window),
                 "alpha": alpha,
@@ -305,8 +300,6 @@ class Calibrator:
                 "plain_ppl_ratio": float(math.exp(float(np.mean(base_plain - lp_plain)))),
                 "text_ppl_ratio": text_ratio,
             }
-            rows.append(row)
-            return row
 
         # Stage A: every direction x window at the middle alpha (additive); stage B: for the best
         # two (direction, window) pairs whose plain answers stay fluent, the alpha sweep and the
@@ -390,10 +383,12 @@ class Calibrator:
         own = refusal_direction(last, self.labels, refused.tolist())
         if own is not None:
             directions["refusal"] = own
+        screen_key = self._screen_key(base, directions, default_replies, last)
+        measured = EntryCache(self.out / "screen-partial.json", screen_key)
         screen = cached_json(
             self.out / "screen.json",
-            self._screen_key(base, directions, default_replies, last),
-            lambda: self.screen(base, directions, default_replies, refused, last),
+            screen_key,
+            lambda: self.screen(base, directions, default_replies, refused, last, measured),
         )
         best, toward_alpha = choose_steering(screen, cfg.fluency_budget)
         direction = directions[best["direction"]]

@@ -5,13 +5,16 @@ steering, the settings) and results per prompt text. A rerun with the same key r
 there and computes only the prompts that are missing, so an interrupted calibration continues
 and a validation set that grew computes only its new prompts. A different key (another model,
 another steering, other options) starts the file afresh instead of reusing stale results.
+
+With ``chunk`` set, missing prompts are computed and saved ``chunk`` at a time, so a stage that
+is stopped half-way keeps what it finished (a larger model's stage can take an hour).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +56,36 @@ def model_key(lm: LoadedModel) -> list[Any]:
     return [lm.name, lm.num_layers, lm.hidden_size, str(lm.dtype)]
 
 
+Announce = Callable[[int], None]
+
+
+def _chunks(
+    missing: list[str], chunk: int | None, announce: Announce | None
+) -> Iterator[list[str]]:
+    """``missing`` in pieces of ``chunk`` (all at once when None); ``announce(len(missing))``
+    first, when there is anything to compute."""
+    if not missing:
+        return
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be at least 1, got {chunk}")
+    if announce is not None:
+        announce(len(missing))
+    size = chunk or len(missing)
+    for start in range(0, len(missing), size):
+        yield missing[start : start + size]
+
+
 def cached_rows(
     path: Path,
     key: str,
     texts: Sequence[str],
     compute: Callable[[list[str]], torch.Tensor],
+    chunk: int | None = None,
+    announce: Announce | None = None,
 ) -> torch.Tensor:
     """One tensor row per text (``[len(texts), ...]``); rows cached under ``key`` are read, the
-    others computed by ``compute(missing_texts)`` and added to the file."""
+    others computed by ``compute(missing_texts)`` and added to the file (after every ``chunk``
+    texts when set; ``announce`` hears how many are missing)."""
     if not texts:
         return torch.empty(0)
     names: list[str] = []
@@ -73,10 +98,10 @@ def cached_rows(
                 stored = handle.get_tensor("rows")
     index = {name: i for i, name in enumerate(names)}
     missing = [t for t in dict.fromkeys(texts) if t not in index]
-    if missing:
-        new = compute(missing)
+    for piece in _chunks(missing, chunk, announce):
+        new = compute(piece)
         stored = new if stored is None else torch.cat([stored, new.to(stored.dtype)])
-        for text in missing:
+        for text in piece:
             index[text] = len(names)
             names.append(text)
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -95,19 +120,42 @@ def cached_texts(
     key: str,
     texts: Sequence[str],
     compute: Callable[[list[str]], list[str]],
+    chunk: int | None = None,
+    announce: Announce | None = None,
 ) -> list[str]:
     """One string per text (e.g. a reply); entries cached under ``key`` are read, the others
-    computed by ``compute(missing_texts)`` and added to the JSON file."""
+    computed by ``compute(missing_texts)`` and added to the JSON file (after every ``chunk``
+    texts when set; ``announce`` hears how many are missing)."""
     done: dict[str, str] = {}
     if path.exists():
         cached = json.loads(path.read_text())
         if isinstance(cached, dict) and cached.get("key") == key:
             done = dict(cached["responses"])
     missing = [t for t in dict.fromkeys(texts) if t not in done]
-    if missing:
-        done.update(zip(missing, compute(missing), strict=True))
+    for piece in _chunks(missing, chunk, announce):
+        done.update(zip(piece, compute(piece), strict=True))
         save_json(path, {"key": key, "responses": done})
     return [done[t] for t in texts]
+
+
+class EntryCache:
+    """Named JSON entries under one key, saved after every new entry (a stage made of many
+    measurements keeps each one; a different key starts afresh)."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self.entries: dict[str, Any] = {}
+        if path.exists():
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and cached.get("key") == key:
+                self.entries = dict(cached["entries"])
+
+    def get(self, name: str, compute: Callable[[], Any]) -> Any:
+        """The entry ``name``, computed by ``compute()`` and saved when it is not there."""
+        if name not in self.entries:
+            self.entries[name] = compute()
+            save_json(self.path, {"key": self.key, "entries": self.entries})
+        return self.entries[name]
 
 
 def cached_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:

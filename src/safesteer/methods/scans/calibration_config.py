@@ -1,0 +1,41 @@
+"""The search space and budgets of ``safesteer calibrate`` (see ``calibrate.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# the options the screen's results depend on (its cache key)
+SCREEN_OPTIONS = (
+    "alphas",
+    "window",
+    "window_stride",
+    "fluency_budget",
+    "screen_rows",
+    "cap_quantiles",
+    "text_windows",
+    "text_window",
+)
+
+
+@dataclass
+class CalibrationConfig:
+    """Search space and budgets of ``safesteer calibrate``."""
+
+    alphas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)  # relative to the residual norm
+    window: int = 4  # steering layers per candidate window
+    window_stride: int = 2
+    fluency_budget: float = 0.10  # largest allowed relative rise of plain-answer perplexity
+    unsafe_budget: float = 2.0  # largest allowed drop of validation unsafe refusal (points)
+    plain_budget: float = 2.0  # largest allowed rise of plain-prompt refusal (points)
+    gen_tokens: int = 24  # refusals show in the opening of a reply
+    probe_layers: int = 3
+    batch_size: int = 16
+    seed: int = 0
+    screen_rows: int = 24  # over-refused safe prompts / plain prompts used for screening
+    # clamped away-steering: caps at these quantiles of the answered safe validation prompts'
+    # projections on the direction (lower = stronger); empty = additive steering only
+    cap_quantiles: tuple[float, ...] = (0.5, 0.25, 0.1, 0.0)
+    text_windows: int = 12  # windows of the fluency text (MMLU dev) scored per candidate
+    text_window: int = 512
+    # stages that compute per prompt save after every this many prompts (a stop keeps them)
+    save_every: int = 64
