@@ -15,7 +15,7 @@ from safesteer.evaluation.answer_rate import (
     length_controlled_answer_rate,
 )
 from safesteer.evaluation.eval_options import EvalOptions
-from safesteer.evaluation.eval_summary import summarise
+from safesteer.evaluation.eval_summary import print_summary, summarise
 from safesteer.evaluation.report import write_report
 from safesteer.evaluation.suites import get_suite
 
@@ -146,3 +146,17 @@ def test_trustllm_weighted_compliance_in_any_suite_holding_both_subsets() -> Non
     assert weighted["TrustLLM"] == pytest.approx(0.45 * 25.0 + 0.55 * 75.0)
     alone = summarise(misuse, get_suite("trustllm-misuse-eval"), options)
     assert "weighted" not in alone["results"]["default"]["strict"]
+
+
+@pytest.mark.parametrize("n_boot", [0, 200])
+def test_printout_shows_an_interval_only_when_bootstrapped(
+    n_boot: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    baseline, method = _method_rows()
+    options = EvalOptions(methods=["default", "safeswitch"], judges=["strict"], bootstrap=n_boot)
+    print_summary(summarise(baseline + method, get_suite("alpaca-eval"), options))
+    line = next(
+        x for x in capsys.readouterr().out.splitlines() if x.startswith("alpaca-eval safeswitch")
+    )
+    assert "answer rate 40.0 %" in line and "nan" not in line
+    assert ("[" in line) == (n_boot > 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from safesteer.evaluation.compare import compare, markdown
 
 
@@ -79,3 +81,14 @@ def test_on_prompts_of_counts_only_the_prompts_of_a_sample_run(tmp_path: Path) -
     once = _folder(tmp_path, "once", [("x", "oktest", "safe", True)])
     counted = compare([twice], "strict", n_boot=50, on_prompts_of=Path(once))
     assert counted["methods"]["scans"]["subsets"]["oktest"]["n"] == 1
+
+
+def test_no_bootstrap_gives_rates_without_intervals(tmp_path: Path) -> None:
+    rows = [("scans", "xstest-safe", "safe", False), ("scans", "xstest-unsafe", "unsafe", True)]
+    folder = _folder(tmp_path, "a", rows)
+    table = compare([folder], "strict", n_boot=0)
+    entry = table["methods"]["scans"]
+    assert entry["subsets"]["xstest-safe"]["ci95"] is None and entry["table2_avg_ci95"] is None
+    assert markdown(table).splitlines()[2] == "| scans | 0.0 (n=1) | 100.0 (n=1) | 100.00 (n=2) |"
+    with pytest.raises(ValueError, match="--bootstrap must be 0"):
+        compare([folder], "strict", n_boot=-1)

@@ -84,6 +84,8 @@ def compare(
     ``on_prompts_of``: an eval folder; only the prompts it holds are counted, so methods run on
     a sample and on the full set are compared on the same prompts.
     """
+    if n_boot < 0:
+        raise ValueError(f"--bootstrap must be 0 (no intervals) or more (got {n_boot})")
     table: dict[str, Any] = {"judge": judge, "methods": {}}
     only = None if on_prompts_of is None else prompt_keys(on_prompts_of)
     if on_prompts_of is not None:
@@ -106,11 +108,11 @@ def compare(
             if not parsed:
                 continue
             rate = 100.0 * sum(bool(v) for v in parsed) / len(parsed)
-            low, high = refusal_rate_ci(verdicts, n_boot=n_boot, seed=seed)
+            ci = refusal_rate_ci(verdicts, n_boot=n_boot, seed=seed) if n_boot else None
             cells[subset] = {
                 "n": len(parsed),
                 "refusal": rate,
-                "ci95": [low, high],
+                "ci95": None if ci is None else list(ci),
                 "n_empty": count_empty(verdicts),
             }
         main = [r for r in rows if r["subset"] in SCANS_TABLE2 and _judged(r["judges"].get(judge))]
@@ -119,7 +121,9 @@ def compare(
             labels = [r["label"] for r in main]
             verdicts = [r["judges"][judge] for r in main]
             entry["table2_avg"] = pooled_avg(labels, verdicts)
-            entry["table2_avg_ci95"] = list(pooled_avg_ci(labels, verdicts, n_boot, seed))
+            entry["table2_avg_ci95"] = (
+                list(pooled_avg_ci(labels, verdicts, n_boot, seed)) if n_boot else None
+            )
             entry["table2_subsets"] = sorted({r["subset"] for r in main})
             entry["table2_n"] = len(main)
         table["methods"][method] = entry
@@ -131,8 +135,12 @@ def _avg_cell(entry: dict[str, Any]) -> str:
     avg = entry.get("table2_avg")
     if avg is None:
         return "-"
-    low, high = entry["table2_avg_ci95"]
-    return f"{avg:.2f} [{low:.1f}, {high:.1f}] (n={entry['table2_n']})"
+    return f"{avg:.2f}{_interval(entry['table2_avg_ci95'])} (n={entry['table2_n']})"
+
+
+def _interval(ci: list[float] | None) -> str:
+    """`` [low, high]``, or nothing without bootstrap resamples."""
+    return "" if ci is None else f" [{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
 def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
@@ -154,10 +162,9 @@ def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
             if cell is None:
                 cells.append("-")
             else:
-                low, high = cell["ci95"]
                 empty = f", {cell['n_empty']} empty" if cell.get("n_empty") else ""
                 cells.append(
-                    f"{cell['refusal']:.1f} [{low:.1f}, {high:.1f}] (n={cell['n']}{empty})"
+                    f"{cell['refusal']:.1f}{_interval(cell['ci95'])} (n={cell['n']}{empty})"
                 )
         if with_avg:
             cells.append(_avg_cell(entry))

@@ -38,7 +38,11 @@ def _judge_block(
     for subset, info in rates.items():
         members = [v for v, s in zip(verdicts, subsets, strict=True) if s == subset]
         rate = info["refusal_rate"]
-        ci = refusal_rate_ci(members, n_boot=n_boot, seed=seed) if rate is not None else None
+        ci = (
+            refusal_rate_ci(members, n_boot=n_boot, seed=seed)
+            if rate is not None and n_boot
+            else None
+        )
         block["subsets"][subset] = {
             **info,
             "benchmark": benchmark_of(subset),
@@ -183,10 +187,11 @@ def print_summary(summary: dict[str, Any]) -> None:
             for subset, by_judge in by_subset.items():
                 rate = by_judge.get(judge)
                 if rate is not None:
-                    low, high = rate["ci95"] or (float("nan"), float("nan"))
+                    ci = rate["ci95"]
+                    interval = "" if ci is None else f" [{ci[0]:.1f}, {ci[1]:.1f}]"
                     Console().print(
-                        f"{subset} {method}: length-controlled answer rate {rate['rate']:.1f} % "
-                        f"[{low:.1f}, {high:.1f}] ({judge} judge; answer rate "
+                        f"{subset} {method}: length-controlled answer rate {rate['rate']:.1f} %"
+                        f"{interval} ({judge} judge; answer rate "
                         f"{rate['plain_answer_rate']:.1f} %, median length ratio "
                         f"{rate['median_length_ratio']:.2f})"
                     )
