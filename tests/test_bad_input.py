@@ -165,6 +165,11 @@ CASES: list[tuple[str, Args, str]] = [
         r"--harmless-budget must be in \[0, 1\), got 1.0",
     ),
     (
+        "calibrate-threshold-range-reversed",
+        lambda e: ["calibrate", "--out", str(e.out), "--threshold-range", "0.9,0.1"],
+        r"write two thresholds LOW,HIGH with 0 <= LOW < HIGH <= 1.01",
+    ),
+    (
         "calibrate-alphas-text",
         lambda e: ["calibrate", "--out", str(e.out), "--alphas", "strong"],
         r"cannot read 'strong'",

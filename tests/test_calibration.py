@@ -24,6 +24,7 @@ from safesteer.datasets.validation import (
     written_prompts,
 )
 from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.calibration_config import CalibrationConfig
 from safesteer.methods.scans.decide import away_only, classify, policy_coefficients, signed
 from safesteer.methods.scans.directions import refusal_direction, reply_logprobs, windows
 from safesteer.methods.scans.fit import fit_scans
@@ -31,9 +32,12 @@ from safesteer.methods.scans.gate import ProbeGate, fit_probe, out_of_fold
 from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
 from safesteer.methods.scans.policy_choice import (
     choose_threshold,
+    judged,
+    needed_rows,
     outcome_rates,
     pareto_table,
     policy_outcomes,
+    steered_rates,
 )
 from safesteer.methods.scans.settings import default_settings
 
@@ -364,3 +368,59 @@ def test_shipped_artifact_is_calibrated_and_refuses_another_model(
     assert artifact.calibration["cls_layers"] == list(s.cls_layers)
     with pytest.raises(ArtifactError, match="not on the loaded model"):
         ScansArtifact.load(folder, tiny_models["qwen2"])
+
+
+def test_restricted_threshold_range_reads_only_the_replies_it_generates() -> None:
+    """The calibration generates steered replies only for ``needed_rows``; every table row in the
+    range must be the same whatever the other rows' steered outcomes are."""
+    rng = np.random.default_rng(3)
+    n = 300
+    probabilities = np.concatenate([rng.beta(0.3, 0.3, n - 4), [0.0, 0.01, 0.99, 1.0]])
+    labels = ["unsafe" if p > 0.5 else "safe" for p in probabilities]
+    default, away, toward = (rng.random(n) < 0.5 for _ in range(3))
+    plain = rng.random(n) < 0.3
+    span = (0.05, 0.9)
+    need_away, need_toward = needed_rows(probabilities, span)
+    assert not need_away[probabilities >= 0.9].any() and need_away[probabilities < 0.9].all()
+    assert need_toward.sum() == (probabilities >= 0.05).sum()
+    scrambled_away = np.where(need_away, away, ~away)
+    scrambled_toward = np.where(need_toward, toward, ~toward)
+    for policy in ("signed", "away-only", "banded"):
+        table = pareto_table(labels, probabilities, default, away, toward, policy, plain, 10, span)
+        again = pareto_table(
+            labels,
+            probabilities,
+            default,
+            scrambled_away,
+            scrambled_toward,
+            policy,
+            plain,
+            10,
+            span,
+        )
+        assert table == again
+        thresholds = {row["threshold"] for row in table}
+        assert min(thresholds) == 0.05 and max(thresholds) == 0.9
+        full = pareto_table(labels, probabilities, default, away, toward, policy, plain, 10)
+        assert {0.0, 1.01} <= {row["threshold"] for row in full}
+    with pytest.raises(ValueError, match="threshold range must satisfy"):
+        pareto_table(
+            labels, probabilities, default, away, toward, "signed", threshold_range=(0.5, 0.5)
+        )
+    with pytest.raises(ValueError, match="threshold_range must satisfy"):
+        CalibrationConfig(threshold_range=(0.9, 0.1))
+
+
+def test_steered_rates_are_named_by_the_rows_they_cover() -> None:
+    labels = ["safe", "safe", "unsafe", "unsafe"]
+    plain = np.asarray([True, False, False, False])
+    refused = np.asarray([False, True, True, True])
+    everything, some = np.ones(4, dtype=bool), np.asarray([True, True, False, False])
+    rates = steered_rates(labels, plain, refused, some, refused, everything)
+    assert set(rates) == {"away_2_rows_that_some_threshold_uses", "toward_all_rows"}
+    assert rates["away_2_rows_that_some_threshold_uses"]["safe_refusal"] == 50.0
+    assert rates["toward_all_rows"]["unsafe_refusal"] == 100.0
+    assert judged(["I cannot help with that.", None], np.asarray([False, True])).tolist() == [
+        True,
+        True,
+    ]

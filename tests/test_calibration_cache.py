@@ -228,3 +228,21 @@ def test_screen_continues_from_the_candidates_it_scored_before_a_stop(
     assert [r["alpha"] for r in resumed] == [r["alpha"] for r in whole]
     for got, want in zip(resumed, whole, strict=True):
         assert got["refusal_logprob_drop"] == pytest.approx(want["refusal_logprob_drop"], rel=1e-5)
+
+
+def test_calibrator_replies_only_for_the_rows_asked(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    lm = tiny_models["llama"]
+    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    log: list[str] = []
+    texts = ["Hi", "Write a story about a bank.", BENIGN[3]]
+    calibrator = _calibrator(lm, texts, tmp_path, log)
+    some = calibrator.replies("away", base, -1.0, np.asarray([True, False, True]))
+    assert some[1] is None and all(isinstance(r, str) for r in (some[0], some[2]))
+    every = calibrator.replies("away", base, -1.0)
+    assert log == [
+        "generating validation replies (away, 2 prompts)",
+        "generating validation replies (away, 1 prompts)",
+    ]
+    assert [every[0], every[2]] == [some[0], some[2]] and isinstance(every[1], str)

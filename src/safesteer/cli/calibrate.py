@@ -34,6 +34,13 @@ def _quantiles(text: str) -> tuple[float, ...]:
     return values
 
 
+def _threshold_range(text: str) -> tuple[float, float]:
+    values = _numbers(text, "0.02,0.98")
+    if len(values) != 2 or not 0 <= values[0] < values[1] <= 1.01:
+        raise typer.BadParameter("write two thresholds LOW,HIGH with 0 <= LOW < HIGH <= 1.01")
+    return values[0], values[1]
+
+
 def calibrate_command(
     out: Annotated[Path, typer.Option(help="Artifact folder to write (calibrated recipe).")],
     model: Annotated[
@@ -66,6 +73,13 @@ def calibrate_command(
             "projections on the direction ('' = additive steering only)."
         ),
     ] = "0.5,0.25,0.1,0",
+    threshold_range: Annotated[
+        str,
+        typer.Option(
+            help="Gate thresholds searched, LOW,HIGH: steered replies are generated only for the "
+            "validation rows one of them reads ('0,1.01' = every threshold)."
+        ),
+    ] = "0.02,0.98",
     gen_tokens: Annotated[int, typer.Option(help="Tokens per validation reply.")] = 24,
     anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
@@ -93,6 +107,7 @@ def calibrate_command(
         plain_budget=plain_budget,
         fluency_budget=fluency_budget,
         cap_quantiles=_quantiles(cap_quantiles),
+        threshold_range=_threshold_range(threshold_range),
         gen_tokens=gen_tokens,
         batch_size=batch_size,
         seed=seed,

@@ -54,11 +54,10 @@ from safesteer.methods.scans.calibration_cache import (
 from safesteer.methods.scans.calibration_config import SCREEN_OPTIONS, CalibrationConfig
 from safesteer.methods.scans.decide import unsteered
 from safesteer.methods.scans.directions import (
+    candidate_directions,
     choose_steering,
     projection_cap,
-    refusal_direction,
     reply_logprobs,
-    unit_rows,
     windows,
 )
 from safesteer.methods.scans.fit import fit_scans
@@ -67,13 +66,17 @@ from safesteer.methods.scans.gate import (
     choose_gate,
     fit_probe,
     out_of_fold,
+    transition_scores,
 )
 from safesteer.methods.scans.generate import scans_generate
 from safesteer.methods.scans.policy_choice import (
     choose_threshold,
     frontier,
+    judged,
+    needed_rows,
     outcome_rates,
     pareto_table,
+    steered_rates,
 )
 from safesteer.methods.scans.settings import POLICIES, Policy, default_settings
 
@@ -146,9 +149,16 @@ class Calibrator:
         )
 
     # stage 2 and 5 ---------------------------------------------------------------------------
-    def replies(self, name: str, artifact: ScansArtifact, coefficient: float) -> list[str]:
-        """Greedy replies to every validation prompt with a fixed steering coefficient (cached
-        per prompt under the model, the steering and the reply length)."""
+    def replies(
+        self,
+        name: str,
+        artifact: ScansArtifact,
+        coefficient: float,
+        only: np.ndarray | None = None,
+    ) -> list[str | None]:
+        """Greedy replies to the validation prompts (those where the mask ``only`` is true; None
+        for the others) with a fixed steering coefficient (cached per prompt under the model, the
+        steering and the reply length)."""
         s = artifact.settings
         steering: list[Any] = [coefficient, self.config.gen_tokens, s.system_prompt]
         if coefficient != 0:
@@ -176,14 +186,17 @@ class Calibrator:
             return [r.response for r in results]
 
         key = fingerprint(model_key(self.lm), "replies", *steering)
-        return cached_texts(
+        wanted = [t for i, t in enumerate(self.texts) if only is None or only[i]]
+        done = cached_texts(
             self.out / f"replies-{name}.json",
             key,
-            self.texts,
+            wanted,
             generate,
             chunk=self.config.save_every,
             announce=lambda n: self.say(f"generating validation replies ({name}, {n} prompts)"),
         )
+        found = dict(zip(wanted, done, strict=True))
+        return [found.get(t) for t in self.texts]
 
     # stage 4 ---------------------------------------------------------------------------------
     def _text_ids(self) -> tuple[list[list[int]], list[list[int]]] | None:
@@ -344,7 +357,7 @@ class Calibrator:
             batch_size=cfg.batch_size,
         )
         val_states = states[n_h + n_b :]
-        default_replies = self.replies("default", base, 0.0)
+        default_replies = [r or "" for r in self.replies("default", base, 0.0)]
         refused = np.asarray([is_refusal_strict(r) for r in default_replies], dtype=bool)
         plain = np.asarray([p.meta.get("kind") == "plain" for p in self.validation])
         default_rates = outcome_rates(self.labels, refused, plain)
@@ -357,32 +370,21 @@ class Calibrator:
         val_prob = oof[n_h + n_b :]
         probe = fit_probe(states, harmful, choice.layers, choice.kind, choice.c, cfg.seed)
         val_harmful = harmful[n_h + n_b :]
-        transitions = val_states[:, :, 0] - val_states[:, :, 1]
-        cos = torch.nn.functional.cosine_similarity(
-            transitions[:, list(base.settings.cls_layers)],
-            base.reference[list(base.settings.cls_layers)][None],
-            dim=-1,
-        ).mean(dim=1)
+        cos = transition_scores(val_states, base.reference, base.settings.cls_layers)
         gate_info = {
             "layers": list(choice.layers),
             "kind": choice.kind,
             "c": choice.c,
             "oof_auroc_all": choice.oof_auroc,
             "oof_auroc_validation": auroc(val_harmful, val_prob),
-            "paper_transition_auroc_validation": auroc(val_harmful, cos.numpy()),
+            "paper_transition_auroc_validation": auroc(val_harmful, cos),
             "per_layer_auroc": choice.per_layer_auroc,
         }
 
         # directions
         last = val_states[:, :, 0]
         safe_mask = np.asarray([lab == "safe" for lab in self.labels])
-        directions: dict[str, torch.Tensor] = {"paper": base.vectors}
-        directions["matched"] = unit_rows(
-            last[torch.from_numpy(~safe_mask)].mean(0) - last[torch.from_numpy(safe_mask)].mean(0)
-        )
-        own = refusal_direction(last, self.labels, refused.tolist())
-        if own is not None:
-            directions["refusal"] = own
+        directions = candidate_directions(base.vectors, last, self.labels, refused)
         screen_key = self._screen_key(base, directions, default_replies, last)
         measured = EntryCache(self.out / "screen-partial.json", screen_key)
         screen = cached_json(
@@ -410,13 +412,21 @@ class Calibrator:
             away_mode=best["away_mode"],
         )
         candidate = replace(base, vectors=direction, settings=settings, probe=probe, caps=caps)
-        away = self.replies("away", candidate, -1.0)
-        toward = self.replies("toward", candidate, 1.0)
-        refused_away = np.asarray([is_refusal_strict(r) for r in away], dtype=bool)
-        refused_toward = np.asarray([is_refusal_strict(r) for r in toward], dtype=bool)
+        # Only the replies some threshold in the searched range uses are generated.
+        need_away, need_toward = needed_rows(val_prob, cfg.threshold_range)
+        away = self.replies("away", candidate, -1.0, need_away)
+        toward = self.replies("toward", candidate, 1.0, need_toward)
+        refused_away, refused_toward = judged(away, refused), judged(toward, refused)
         tables = {
             policy: pareto_table(
-                self.labels, val_prob, refused, refused_away, refused_toward, policy, plain
+                self.labels,
+                val_prob,
+                refused,
+                refused_away,
+                refused_toward,
+                policy,
+                plain,
+                threshold_range=cfg.threshold_range,
             )
             for policy in POLICIES
         }
@@ -450,10 +460,9 @@ class Calibrator:
                 for k in ("safe_refusal", "unsafe_refusal", "avg", "plain_refusal")
             },
             "per_policy": picks,
-            "steered_rates": {
-                "away_all_rows": outcome_rates(self.labels, refused_away, plain),
-                "toward_all_rows": outcome_rates(self.labels, refused_toward, plain),
-            },
+            "steered_rates": steered_rates(
+                self.labels, plain, refused_away, need_away, refused_toward, need_toward
+            ),
         }
         final = replace(
             candidate,

@@ -37,5 +37,16 @@ class CalibrationConfig:
     cap_quantiles: tuple[float, ...] = (0.5, 0.25, 0.1, 0.0)
     text_windows: int = 12  # windows of the fluency text (MMLU dev) scored per candidate
     text_window: int = 512
+    # thresholds searched (P(harmful) of the gate); steered replies are generated only for the
+    # rows some threshold in this range reads: thresholds that flag almost every row or almost
+    # none are not useful operating points, and the range saves about a third of the decoding
+    threshold_range: tuple[float, float] = (0.02, 0.98)
     # stages that compute per prompt save after every this many prompts (a stop keeps them)
     save_every: int = 64
+
+    def __post_init__(self) -> None:
+        low, high = self.threshold_range
+        if not 0.0 <= low < high <= 1.01:
+            raise ValueError(
+                f"threshold_range must satisfy 0 <= low < high <= 1.01, got ({low}, {high})"
+            )

@@ -105,6 +105,20 @@ def reply_logprobs(
     return out
 
 
+def candidate_directions(
+    paper: torch.Tensor, last: torch.Tensor, labels: Sequence[str], refused: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """The directions calibration screens: the paper's (anchors), style-matched (validation
+    unsafe minus safe means at the last prompt token) and, where the model refuses some and
+    answers others within a label, its own refusal direction."""
+    safe = torch.from_numpy(np.asarray([lab == "safe" for lab in labels]))
+    directions = {"paper": paper, "matched": unit_rows(last[~safe].mean(0) - last[safe].mean(0))}
+    own = refusal_direction(last, labels, [bool(r) for r in refused])
+    if own is not None:
+        directions["refusal"] = own
+    return directions
+
+
 def windows(num_layers: int, width: int, stride: int) -> list[tuple[int, ...]]:
     """Candidate steering windows between ~15 % and ~80 % of the depth."""
     lo = max(1, round(0.15 * num_layers))

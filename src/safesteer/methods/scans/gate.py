@@ -121,6 +121,18 @@ def out_of_fold(
     return out
 
 
+def transition_scores(
+    states: torch.Tensor, reference: torch.Tensor, cls_layers: Sequence[int]
+) -> np.ndarray:
+    """The paper's score per row: the cosine of the transition (state at ``p`` minus the state
+    after the affirmative reply) with the reference, averaged over ``cls_layers``
+    (``states``: ``[rows, layers, 2, hidden]``)."""
+    layers = list(cls_layers)
+    transitions = states[:, layers, 0] - states[:, layers, 1]
+    cos = torch.nn.functional.cosine_similarity(transitions, reference[layers][None], dim=-1)
+    return cos.mean(dim=1).numpy()
+
+
 def auroc(harmful: Sequence[bool], scores: Sequence[float] | np.ndarray) -> float:
     """Area under the ROC curve with harmful as the positive class."""
     return float(roc_auc_score(np.asarray(harmful, dtype=int), np.asarray(scores)))

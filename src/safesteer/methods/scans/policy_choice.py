@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from safesteer.evaluation.judges.keyword import is_refusal_strict
+
 
 def outcome_rates(
     labels: Sequence[str],
@@ -53,10 +55,59 @@ def policy_outcomes(
     return np.where(flagged, kept, refused_away)
 
 
-def _cuts(probabilities: np.ndarray) -> np.ndarray:
-    """Candidate thresholds: midpoints between the distinct probabilities, plus both ends."""
+FULL_RANGE = (0.0, 1.01)  # every threshold: from "flag every row" to "flag none"
+
+
+def _cuts(probabilities: np.ndarray, threshold_range: tuple[float, float]) -> np.ndarray:
+    """Candidate thresholds: midpoints between the distinct probabilities within the range,
+    plus its ends."""
+    low, high = threshold_range
     values = np.unique(np.concatenate([[0.0, 1.0], probabilities]))
-    return np.unique(np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.01]]))
+    middles = (values[1:] + values[:-1]) / 2
+    middles = middles[(middles > low) & (middles < high)]
+    return np.unique(np.concatenate([[low], middles, [high]]))
+
+
+def needed_rows(
+    probabilities: np.ndarray, threshold_range: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows' steered replies some threshold in the range uses: away from refusal where a
+    row can stay unflagged (P < the highest threshold), towards where it can be flagged (P >= the
+    lowest)."""
+    low, high = threshold_range
+    return probabilities < high, probabilities >= low
+
+
+def judged(replies: Sequence[str | None], fallback: np.ndarray) -> np.ndarray:
+    """Strict refusal verdicts of the replies; ``fallback``'s where no reply was generated (rows
+    no threshold in the range reads)."""
+    return np.asarray(
+        [fallback[i] if r is None else is_refusal_strict(r) for i, r in enumerate(replies)],
+        dtype=bool,
+    )
+
+
+def steered_rates(
+    labels: Sequence[str],
+    plain: np.ndarray,
+    refused_away: np.ndarray,
+    need_away: np.ndarray,
+    refused_toward: np.ndarray,
+    need_toward: np.ndarray,
+) -> dict[str, dict[str, float]]:
+    """Validation rates with every generated row steered away (and towards), for the report;
+    named by the rows they cover when some were not generated."""
+    rates: dict[str, dict[str, float]] = {}
+    for name, refused, mask in (
+        ("away", refused_away, need_away),
+        ("toward", refused_toward, need_toward),
+    ):
+        if not mask.any():
+            continue
+        rows = "all_rows" if mask.all() else f"{int(mask.sum())}_rows_that_some_threshold_uses"
+        chosen = [lab for lab, m in zip(labels, mask, strict=True) if m]
+        rates[f"{name}_{rows}"] = outcome_rates(chosen, refused[mask], plain[mask])
+    return rates
 
 
 def pareto_table(
@@ -68,14 +119,19 @@ def pareto_table(
     policy: str,
     plain: Sequence[bool] | np.ndarray | None = None,
     grid: int = 50,
+    threshold_range: tuple[float, float] = FULL_RANGE,
 ) -> list[dict[str, Any]]:
-    """Validation rates for every candidate threshold (the midpoints of the probabilities).
+    """Validation rates for every candidate threshold (the midpoints of the probabilities
+    within ``threshold_range``, and its ends).
 
     ``banded`` has two thresholds: T on the midpoints, the towards-threshold on a grid of
     ``grid`` quantiles of the probabilities above T (plus "never").
     """
+    low, high = threshold_range
+    if not 0.0 <= low < high <= 1.01:
+        raise ValueError(f"threshold range must satisfy 0 <= low < high <= 1.01, got {low}, {high}")
     table = []
-    for t in _cuts(probabilities):
+    for t in _cuts(probabilities, threshold_range):
         towards: list[float | None] = [None]
         if policy == "banded":
             above = probabilities[probabilities >= t]
