@@ -77,6 +77,10 @@ def test_fingerprint_sees_tensor_values_and_order() -> None:
     assert fingerprint(None) != fingerprint(float("nan"))
 
 
+def _paper_artifact(lm: LoadedModel) -> ScansArtifact:
+    return fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+
+
 def _calibrator(lm: LoadedModel, texts: list[str], out: Path, log: list[str]) -> Calibrator:
     validation = [Prompt(t, "safe", "validation-plain", {"kind": "plain"}) for t in texts]
     return Calibrator(
@@ -94,7 +98,7 @@ def test_calibrator_states_and_replies_grow_with_the_validation_set(
     tiny_models: dict[str, LoadedModel], tmp_path: Path
 ) -> None:
     lm = tiny_models["llama"]
-    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    base = _paper_artifact(lm)
     texts = ["Hi", "Write a story about a bank.", BENIGN[3]]
     log: list[str] = []
     small = _calibrator(lm, texts[:2], tmp_path, log)
@@ -119,7 +123,7 @@ def test_calibrator_replies_are_recomputed_for_other_steering(
     tiny_models: dict[str, LoadedModel], tmp_path: Path
 ) -> None:
     lm = tiny_models["llama"]
-    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    base = _paper_artifact(lm)
     log: list[str] = []
     calibrator = _calibrator(lm, ["Hi", "Write a story about a bank."], tmp_path, log)
     calibrator.replies("away", base, -1.0)
@@ -196,7 +200,7 @@ def test_screen_continues_from_the_candidates_it_scored_before_a_stop(
     import safesteer.methods.scans.calibrate as calibrate
 
     lm = tiny_models["llama"]
-    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    base = _paper_artifact(lm)
     kinds = ["scary", "scary", "plain", "plain"]
     validation = [
         Prompt(t, "safe", "validation", {"kind": k}) for t, k in zip(BENIGN[:4], kinds, strict=True)
@@ -234,7 +238,7 @@ def test_calibrator_replies_only_for_the_rows_asked(
     tiny_models: dict[str, LoadedModel], tmp_path: Path
 ) -> None:
     lm = tiny_models["llama"]
-    base = fit_scans(lm, HARMFUL, BENIGN, default_settings(lm.num_layers), batch_size=3)
+    base = _paper_artifact(lm)
     log: list[str] = []
     texts = ["Hi", "Write a story about a bank.", BENIGN[3]]
     calibrator = _calibrator(lm, texts, tmp_path, log)
