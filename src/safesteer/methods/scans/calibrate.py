@@ -14,8 +14,8 @@ rerun continues where it stopped and a grown validation set computes only its ne
    compliance of the model's own replies) x layer windows x alpha, scored without decoding by how
    much steering away lowers the log-probability of the model's own refusals on over-refused safe
    prompts, under a fluency budget (perplexity of its own answers to plain prompts).
-5. ``away`` / ``toward``: the chosen direction steered away from (and towards) refusal on every
-   validation prompt, judged: per-row outcomes.
+5. ``away`` / ``toward``: the chosen direction steered away from (and towards) refusal on the
+   validation prompts whose outcome some threshold in the searched range reads, judged.
 6. choose the policy (signed, away-only, or banded: towards refusal only above a second threshold)
    and the threshold(s) on those outcomes (out-of-fold gate probabilities): the largest validation
    Avg whose unsafe refusal stays within the budget of the default and whose refusal of plain
