@@ -409,6 +409,8 @@ def test_restricted_threshold_range_reads_only_the_replies_it_generates() -> Non
         )
     with pytest.raises(ValueError, match="threshold_range must satisfy"):
         CalibrationConfig(threshold_range=(0.9, 0.1))
+    with pytest.raises(ValueError, match="save_every must be at least 1"):
+        CalibrationConfig(save_every=0)
 
 
 def test_steered_rates_are_named_by_the_rows_they_cover() -> None:

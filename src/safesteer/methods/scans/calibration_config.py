@@ -39,12 +39,15 @@ class CalibrationConfig:
     text_window: int = 512
     # thresholds searched (P(harmful) of the gate); steered replies are generated only for the
     # rows some threshold in this range reads: thresholds that flag almost every row or almost
-    # none are not useful operating points, and the range saves about a third of the decoding
+    # none are not useful operating points, and the range saves a quarter of the steered
+    # decoding (27 % on Qwen-0.5B)
     threshold_range: tuple[float, float] = (0.02, 0.98)
     # stages that compute per prompt save after every this many prompts (a stop keeps them)
     save_every: int = 64
 
     def __post_init__(self) -> None:
+        if self.save_every < 1:
+            raise ValueError(f"save_every must be at least 1, got {self.save_every}")
         low, high = self.threshold_range
         if not 0.0 <= low < high <= 1.01:
             raise ValueError(
