@@ -396,6 +396,11 @@ CASES: list[tuple[str, Args, str]] = [
         r"no row .* judged by 'magic'; judges found: paper, strict",
     ),
     (
+        "compare-paired-against-unknown",
+        lambda e: ["compare", str(e.done), "--paired-against", "nobody"],
+        r"--paired-against 'nobody' is not a method of these folders; methods: default",
+    ),
+    (
         "generate-method-magic",
         lambda e: ["generate", "hi", "--method", "magic"],
         r"unknown method 'magic'",

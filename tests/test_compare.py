@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from safesteer.evaluation.compare import compare, markdown
+from safesteer.evaluation.compare import collect, compare, markdown
+from safesteer.evaluation.paired import paired_changes, paired_markdown, sign_test_p
 
 
 def _folder(root: Path, name: str, rows: list[tuple[str, str, str, bool]]) -> str:
@@ -92,3 +93,47 @@ def test_no_bootstrap_gives_rates_without_intervals(tmp_path: Path) -> None:
     assert markdown(table).splitlines()[2] == "| scans | 0.0 (n=1) | 100.0 (n=1) | 100.00 (n=2) |"
     with pytest.raises(ValueError, match="--bootstrap must be 0"):
         compare([folder], "strict", n_boot=-1)
+
+
+def test_sign_test_matches_the_binomial_by_hand() -> None:
+    assert sign_test_p(8, 0) == pytest.approx(2 / 2**8)
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
+    assert sign_test_p(1, 4) == pytest.approx(2 * (1 + 5) / 2**5)
+    with pytest.raises(ValueError, match="negative"):
+        sign_test_p(-1, 2)
+
+
+def test_paired_counts_match_prompts_by_text_across_runs(tmp_path: Path) -> None:
+    """Two runs with the same prompts in another order (other ids): pairs follow the text, and a
+    text held twice pairs occurrence by occurrence."""
+    first = _folder(
+        tmp_path,
+        "a",
+        [
+            ("safeswitch", "xstest-unsafe", "unsafe", True),
+            ("safeswitch", "xstest-unsafe", "unsafe", True),
+            ("safeswitch", "xstest-safe", "safe", True),
+        ],
+    )
+    rows = [json.loads(x) for x in (Path(first) / "responses.jsonl").read_text().splitlines()]
+    rows[1]["prompt"] = rows[0]["prompt"]  # the same text twice
+    (Path(first) / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    second = tmp_path / "b"
+    second.mkdir()
+    combined = [dict(r, method="combined") for r in reversed(rows)]
+    for i, row in enumerate(combined):
+        row["id"] = 10 + i
+    combined[0]["judges"] = {"strict": False}  # the safe prompt: now answered
+    combined[1]["judges"] = {"strict": False}  # one of the two copies: now answered
+    (second / "responses.jsonl").write_text("\n".join(json.dumps(r) for r in combined) + "\n")
+    paired = paired_changes(collect([first, str(second)]), "safeswitch", "strict")["combined"]
+    assert paired["xstest-unsafe"] == {
+        "n": 2,
+        "refused_by_baseline_only": 1,
+        "refused_by_method_only": 0,
+        "sign_test_p": 1.0,
+    }
+    assert paired["all safe"]["refused_by_baseline_only"] == 1
+    assert paired["all unsafe"]["n"] == 2
+    text = paired_markdown({"combined": paired}, "safeswitch")
+    assert "| combined | xstest-safe | 1 | 1 | 0 | 1 |" in text

@@ -225,16 +225,30 @@ def compare(
             "full-set runs on the same prompts)."
         ),
     ] = None,
+    paired_against: Annotated[
+        str | None,
+        typer.Option(
+            help="A method of the table (e.g. v4:safeswitch): also count, per subset, the "
+            "prompts only it refuses and only each other method refuses, with a sign test."
+        ),
+    ] = None,
 ) -> None:
     """One refusal table from several eval folders, with the pooled Table-2 Avg and 95 % CIs."""
     import json
 
+    from safesteer.evaluation.compare import collect, markdown, prompt_keys
     from safesteer.evaluation.compare import compare as compare_folders
-    from safesteer.evaluation.compare import markdown
+    from safesteer.evaluation.paired import paired_changes, paired_markdown
 
     with user_errors(FileNotFoundError):
         table = compare_folders(folders, judge, bootstrap, on_prompts_of=on_prompts_of)
+        if paired_against is not None:
+            only = None if on_prompts_of is None else prompt_keys(on_prompts_of)
+            paired = paired_changes(collect(folders, only), paired_against, judge)
+            table["paired"] = {"baseline": paired_against, "methods": paired}
     text = markdown(table)
+    if paired_against is not None:
+        text += "\n" + paired_markdown(table["paired"]["methods"], paired_against)
     typer.echo(text)
     if out is not None:
         if not out.suffix:
