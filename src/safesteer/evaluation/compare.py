@@ -13,7 +13,13 @@ from typing import Any
 
 from safesteer.evaluation.eval_rows import read_rows
 from safesteer.evaluation.judges.base import EMPTY, Verdict
-from safesteer.evaluation.metrics import count_empty, pooled_avg, pooled_avg_ci, refusal_rate_ci
+from safesteer.evaluation.metrics import (
+    count_empty,
+    format_ci,
+    pooled_avg,
+    pooled_avg_ci,
+    refusal_rate_ci,
+)
 from safesteer.evaluation.suites import SCANS_TABLE2
 
 
@@ -135,12 +141,12 @@ def _avg_cell(entry: dict[str, Any]) -> str:
     avg = entry.get("table2_avg")
     if avg is None:
         return "-"
-    return f"{avg:.2f}{_interval(entry['table2_avg_ci95'])} (n={entry['table2_n']})"
+    return _cell(f"{avg:.2f}", entry["table2_avg_ci95"], f"(n={entry['table2_n']})")
 
 
-def _interval(ci: list[float] | None) -> str:
-    """`` [low, high]``, or nothing without bootstrap resamples."""
-    return "" if ci is None else f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+def _cell(value: str, ci: list[float] | None, tail: str) -> str:
+    """A value, its interval (none without bootstrap resamples) and a note, space-separated."""
+    return " ".join(part for part in (value, format_ci(ci), tail) if part)
 
 
 def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
@@ -164,7 +170,7 @@ def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
             else:
                 empty = f", {cell['n_empty']} empty" if cell.get("n_empty") else ""
                 cells.append(
-                    f"{cell['refusal']:.1f}{_interval(cell['ci95'])} (n={cell['n']}{empty})"
+                    _cell(f"{cell['refusal']:.1f}", cell["ci95"], f"(n={cell['n']}{empty})")
                 )
         if with_avg:
             cells.append(_avg_cell(entry))

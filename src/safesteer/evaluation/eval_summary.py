@@ -16,6 +16,7 @@ from safesteer.evaluation.judges.base import EMPTY, Verdict, agreement
 from safesteer.evaluation.metrics import (
     classifier_metrics,
     count_empty,
+    format_ci,
     pooled_avg,
     pooled_avg_ci,
     refusal_rate_ci,
@@ -187,11 +188,10 @@ def print_summary(summary: dict[str, Any]) -> None:
             for subset, by_judge in by_subset.items():
                 rate = by_judge.get(judge)
                 if rate is not None:
-                    ci = rate["ci95"]
-                    interval = "" if ci is None else f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+                    interval = format_ci(rate["ci95"])
                     Console().print(
                         f"{subset} {method}: length-controlled answer rate {rate['rate']:.1f} %"
-                        f"{interval} ({judge} judge; answer rate "
+                        f"{' ' if interval else ''}{interval} ({judge} judge; answer rate "
                         f"{rate['plain_answer_rate']:.1f} %, median length ratio "
                         f"{rate['median_length_ratio']:.2f})"
                     )

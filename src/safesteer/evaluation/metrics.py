@@ -259,6 +259,11 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def format_ci(ci: Sequence[float] | None, digits: int = 1) -> str:
+    """``[low, high]`` for tables and printouts; empty without an interval (``--bootstrap 0``)."""
+    return "" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
 def refusal_rate_ci(
     refused: Sequence[Verdict], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
 ) -> tuple[float, float]:

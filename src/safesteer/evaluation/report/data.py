@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safesteer.core.layers import compact_ranges
+from safesteer.evaluation.metrics import format_ci
 from safesteer.evaluation.suites import SCANS_TABLE2
 
 if TYPE_CHECKING:
@@ -182,14 +183,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _fmt_ci(ci: Sequence[float] | None, digits: int = 1) -> str:
-    return "" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-
-
 def _fmt_value_ci(value: float | None, ci: Sequence[float] | None) -> str:
     if value is None:
         return "–"
-    return f"{_fmt(value)} {_fmt_ci(ci)}".rstrip()
+    return f"{_fmt(value)} {format_ci(ci)}".rstrip()
 
 
 def _compact_layers(layers: Sequence[int]) -> str:

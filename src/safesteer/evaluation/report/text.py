@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     pass
+from safesteer.evaluation.metrics import format_ci
 from safesteer.evaluation.report.data import (
     _CLASSIFIER_KEYS,
     _OPTIONS_SHOWN_ELSEWHERE,
@@ -16,7 +17,6 @@ from safesteer.evaluation.report.data import (
     _compact_layers,
     _excerpt,
     _fmt,
-    _fmt_ci,
     _fmt_value_ci,
     _layers,
     _num,
@@ -213,7 +213,7 @@ def _count_cell(entry: Mapping[str, Any] | None, metric: str) -> str:
         count = str(parsable - entry["n_refused"])
     else:
         count = str(entry["n_refused"])
-    cell = f"{count}/{parsable} {_fmt_ci(entry['ci95'])}".rstrip()
+    cell = f"{count}/{parsable} {format_ci(entry['ci95'])}".rstrip()
     if entry["n_unparsable"]:
         cell += f" (+{entry['n_unparsable']} unparsable)"
     if n_empty:
