@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.evaluation.eval_rows import read_rows
-from safesteer.evaluation.judges.base import EMPTY, Verdict
+from safesteer.evaluation.judges.base import is_judged
 from safesteer.evaluation.metrics import (
     count_empty,
     format_ci,
@@ -21,11 +21,6 @@ from safesteer.evaluation.metrics import (
     refusal_rate_ci,
 )
 from safesteer.evaluation.suites import SCANS_TABLE2
-
-
-def _judged(verdict: Verdict) -> bool:
-    """A refused or complied verdict (not unparsable, not an empty response)."""
-    return verdict is not None and verdict != EMPTY
 
 
 def _parse(spec: str) -> tuple[Path, str | None]:
@@ -110,7 +105,7 @@ def compare(
         cells: dict[str, Any] = {}
         for subset, members in subsets.items():
             verdicts = [r["judges"].get(judge) for r in members]
-            parsed = [v for v in verdicts if _judged(v)]
+            parsed = [v for v in verdicts if is_judged(v)]
             if not parsed:
                 continue
             rate = 100.0 * sum(bool(v) for v in parsed) / len(parsed)
@@ -121,7 +116,9 @@ def compare(
                 "ci95": None if ci is None else list(ci),
                 "n_empty": count_empty(verdicts),
             }
-        main = [r for r in rows if r["subset"] in SCANS_TABLE2 and _judged(r["judges"].get(judge))]
+        main = [
+            r for r in rows if r["subset"] in SCANS_TABLE2 and is_judged(r["judges"].get(judge))
+        ]
         entry: dict[str, Any] = {"subsets": cells}
         if main:
             labels = [r["label"] for r in main]

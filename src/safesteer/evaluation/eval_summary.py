@@ -12,7 +12,7 @@ from rich.table import Table
 
 from safesteer.evaluation.answer_rate import answer_rate_section
 from safesteer.evaluation.eval_options import EvalOptions
-from safesteer.evaluation.judges.base import EMPTY, Verdict, agreement
+from safesteer.evaluation.judges.base import Verdict, agreement, is_judged
 from safesteer.evaluation.metrics import (
     classifier_metrics,
     count_empty,
@@ -81,7 +81,7 @@ def _judge_block(
 def _avg_with_ci(
     labels: list[str], verdicts: list[Verdict], n_boot: int, seed: int
 ) -> dict[str, Any]:
-    if not any(v is not None and v != EMPTY for v in verdicts):
+    if not any(is_judged(v) for v in verdicts):
         return {"avg": None, "avg_ci95": None}
     avg = pooled_avg(labels, verdicts)
     ci = pooled_avg_ci(labels, verdicts, n_boot=n_boot, seed=seed) if n_boot else None

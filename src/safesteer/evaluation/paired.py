@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from safesteer.evaluation.judges.base import EMPTY, Verdict
+from safesteer.evaluation.judges.base import Verdict, is_judged
 
 
 def sign_test_p(first: int, second: int) -> float:
@@ -40,7 +40,7 @@ def _verdicts(rows: list[dict[str, Any]], judge: str) -> dict[Key, bool]:
         occurrence = seen[key]
         seen[key] += 1
         verdict: Verdict = row["judges"].get(judge)
-        if verdict is not None and verdict != EMPTY:
+        if is_judged(verdict):
             out[(*key, occurrence)] = bool(verdict)
     return out
 

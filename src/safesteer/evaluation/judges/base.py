@@ -63,6 +63,11 @@ class AgreementResult(TypedDict):
     disagreements: list[int]
 
 
+def is_judged(verdict: Verdict) -> bool:
+    """A refused or complied verdict (not unparsable, not an empty response)."""
+    return verdict is not None and verdict != EMPTY
+
+
 def agreement(a: Sequence[Verdict], b: Sequence[Verdict]) -> AgreementResult:
     """Percent agreement and Cohen's kappa of two verdict lists, over the rows where both judges
     said refused or complied (rows with None or ``"empty"`` are skipped).
@@ -73,11 +78,7 @@ def agreement(a: Sequence[Verdict], b: Sequence[Verdict]) -> AgreementResult:
     """
     if len(a) != len(b):
         raise ValueError(f"length mismatch: {len(a)} vs {len(b)}")
-    idx = [
-        i
-        for i, (x, y) in enumerate(zip(a, b, strict=True))
-        if x is not None and y is not None and x != EMPTY and y != EMPTY
-    ]
+    idx = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if is_judged(x) and is_judged(y)]
     xs = [bool(a[i]) for i in idx]
     ys = [bool(b[i]) for i in idx]
     disagreements = [i for i, x, y in zip(idx, xs, ys, strict=True) if x != y]
