@@ -56,6 +56,15 @@ def model_key(lm: LoadedModel) -> list[Any]:
     return [lm.name, lm.num_layers, lm.hidden_size, str(lm.dtype)]
 
 
+def _stored(path: Path, key: str) -> dict[str, Any] | None:
+    """The JSON cache at ``path`` when it was written under ``key``, else None."""
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached
+    return None
+
+
 Announce = Callable[[int], None]
 
 
@@ -126,11 +135,8 @@ def cached_texts(
     """One string per text (e.g. a reply); entries cached under ``key`` are read, the others
     computed by ``compute(missing_texts)`` and added to the JSON file (after every ``chunk``
     texts when set; ``announce`` hears how many are missing)."""
-    done: dict[str, str] = {}
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if isinstance(cached, dict) and cached.get("key") == key:
-            done = dict(cached["responses"])
+    cached = _stored(path, key)
+    done: dict[str, str] = {} if cached is None else dict(cached["responses"])
     missing = [t for t in dict.fromkeys(texts) if t not in done]
     for piece in _chunks(missing, chunk, announce):
         done.update(zip(piece, compute(piece), strict=True))
@@ -144,11 +150,8 @@ class EntryCache:
 
     def __init__(self, path: Path, key: str) -> None:
         self.path, self.key = path, key
-        self.entries: dict[str, Any] = {}
-        if path.exists():
-            cached = json.loads(path.read_text())
-            if isinstance(cached, dict) and cached.get("key") == key:
-                self.entries = dict(cached["entries"])
+        cached = _stored(path, key)
+        self.entries: dict[str, Any] = {} if cached is None else dict(cached["entries"])
 
     def get(self, name: str, compute: Callable[[], Any]) -> Any:
         """The entry ``name``, computed by ``compute()`` and saved when it is not there."""
@@ -160,10 +163,9 @@ class EntryCache:
 
 def cached_json(path: Path, key: str, compute: Callable[[], Any]) -> Any:
     """A JSON value cached under ``key`` (computed afresh when the key differs)."""
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if isinstance(cached, dict) and cached.get("key") == key:
-            return cached["value"]
+    cached = _stored(path, key)
+    if cached is not None:
+        return cached["value"]
     value = compute()
     save_json(path, {"key": key, "value": value})
     return value
