@@ -137,3 +137,6 @@ def test_paired_counts_match_prompts_by_text_across_runs(tmp_path: Path) -> None
     assert paired["all unsafe"]["n"] == 2
     text = paired_markdown({"combined": paired}, "safeswitch")
     assert "| combined | xstest-safe | 1 | 1 | 0 | 1 |" in text
+    table = compare([first, str(second)], "strict", n_boot=0, paired_against="safeswitch")
+    assert table["paired"] == {"baseline": "safeswitch", "methods": {"combined": paired}}
+    assert markdown(table).endswith(text)

@@ -236,19 +236,18 @@ def compare(
     """One refusal table from several eval folders, with the pooled Table-2 Avg and 95 % CIs."""
     import json
 
-    from safesteer.evaluation.compare import collect, markdown, prompt_keys
     from safesteer.evaluation.compare import compare as compare_folders
-    from safesteer.evaluation.paired import paired_changes, paired_markdown
+    from safesteer.evaluation.compare import markdown
 
     with user_errors(FileNotFoundError):
-        table = compare_folders(folders, judge, bootstrap, on_prompts_of=on_prompts_of)
-        if paired_against is not None:
-            only = None if on_prompts_of is None else prompt_keys(on_prompts_of)
-            paired = paired_changes(collect(folders, only), paired_against, judge)
-            table["paired"] = {"baseline": paired_against, "methods": paired}
+        table = compare_folders(
+            folders,
+            judge,
+            bootstrap,
+            on_prompts_of=on_prompts_of,
+            paired_against=paired_against,
+        )
     text = markdown(table)
-    if paired_against is not None:
-        text += "\n" + paired_markdown(table["paired"]["methods"], paired_against)
     typer.echo(text)
     if out is not None:
         if not out.suffix:

@@ -20,6 +20,7 @@ from safesteer.evaluation.metrics import (
     pooled_avg_ci,
     refusal_rate_ci,
 )
+from safesteer.evaluation.paired import paired_changes, paired_markdown
 from safesteer.evaluation.suites import SCANS_TABLE2
 
 
@@ -79,11 +80,14 @@ def compare(
     n_boot: int = 1000,
     seed: int = 0,
     on_prompts_of: Path | None = None,
+    paired_against: str | None = None,
 ) -> dict[str, Any]:
     """Per method: refusal % and 95 % CI per subset, and the pooled Table-2 Avg with its CI.
 
     ``on_prompts_of``: an eval folder; only the prompts it holds are counted, so methods run on
-    a sample and on the full set are compared on the same prompts.
+    a sample and on the full set are compared on the same prompts. ``paired_against``: a method
+    of the table; the prompt-by-prompt changes of every other method against it are added
+    (``paired``, see :func:`~safesteer.evaluation.paired.paired_changes`).
     """
     if n_boot < 0:
         raise ValueError(f"--bootstrap must be 0 (no intervals) or more (got {n_boot})")
@@ -98,6 +102,9 @@ def compare(
             f"no row of {', '.join(specs)} was judged by {judge!r}; judges found: "
             f"{', '.join(found) or 'none'} (pass one with --judge)"
         )
+    if paired_against is not None:
+        paired = paired_changes(collected, paired_against, judge)
+        table["paired"] = {"baseline": paired_against, "methods": paired}
     for method, rows in collected.items():
         subsets: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in rows:
@@ -147,7 +154,8 @@ def _cell(value: str, ci: list[float] | None, tail: str) -> str:
 
 
 def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
-    """The comparison as a Markdown table (rates with 95 % intervals)."""
+    """The comparison as a Markdown table (rates with 95 % intervals), then the paired counts
+    when the table has them."""
     methods = table["methods"]
     if subsets is None:
         seen = {s for m in methods.values() for s in m["subsets"]}
@@ -172,4 +180,7 @@ def markdown(table: dict[str, Any], subsets: list[str] | None = None) -> str:
         if with_avg:
             cells.append(_avg_cell(entry))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if "paired" in table:
+        text += "\n" + paired_markdown(table["paired"]["methods"], table["paired"]["baseline"])
+    return text
