@@ -3,6 +3,7 @@ scoring under steering, threshold choice, the validation set and its leak check.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,13 @@ from safesteer.methods.scans.calibration_config import CalibrationConfig
 from safesteer.methods.scans.decide import away_only, classify, policy_coefficients, signed
 from safesteer.methods.scans.directions import refusal_direction, reply_logprobs, windows
 from safesteer.methods.scans.fit import fit_scans
-from safesteer.methods.scans.gate import ProbeGate, fit_probe, out_of_fold
+from safesteer.methods.scans.gate import (
+    ProbeGate,
+    cached_gate_choice,
+    choose_gate,
+    fit_probe,
+    out_of_fold,
+)
 from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
 from safesteer.methods.scans.policy_choice import (
     choose_threshold,
@@ -194,6 +201,29 @@ def test_out_of_fold_probe_separates_a_planted_direction() -> None:
     gate = fit_probe(states, harmful, [1], "last")
     again = ProbeGate.from_tensors(gate.tensors(), [1], "last")
     assert torch.allclose(again.probability(states[:, [1]]), gate.probability(states[:, [1]]))
+
+
+def test_gate_choice_is_cached_under_a_key_of_its_inputs(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    n, hidden = 60, 8
+    states = torch.randn(n, 4, 2, hidden, generator=generator)
+    harmful = [i % 2 == 0 for i in range(n)]
+    states[torch.tensor(harmful), 2, 0, 1] += 3.0  # layer 2 carries the label
+    path = tmp_path / "gate.json"
+    first = cached_gate_choice(path, ["m"], states, harmful, n_layers=1)
+    assert first == choose_gate(states, harmful, n_layers=1)
+    assert first.layers == (2,)
+    # a second call reads the file: a planted value there comes back unchanged
+    stored = json.loads(path.read_text())
+    stored["value"]["c"] = 123.0
+    path.write_text(json.dumps(stored))
+    assert cached_gate_choice(path, ["m"], states, harmful, n_layers=1).c == 123.0
+    # other states (or another model) are another key: computed afresh
+    moved = states.clone()
+    moved[torch.tensor(harmful), 2, 0, 1] -= 3.0
+    moved[torch.tensor(harmful), 0, 0, 1] += 3.0
+    assert cached_gate_choice(path, ["m"], moved, harmful, n_layers=1).layers == (0,)
+    assert cached_gate_choice(path, ["other"], moved, harmful, n_layers=1).c != 123.0
 
 
 def test_refusal_direction_removes_the_label_axis() -> None:

@@ -8,7 +8,7 @@ rerun continues where it stopped and a grown validation set computes only its ne
    and the validation prompts, every layer (one prefill each).
 2. ``default``: the unsteered model's greedy replies to the validation prompts, judged (strict):
    which prompts it refuses.
-3. gate: a linear probe on those states (layers and feature kind by cross-validation), with
+3. ``gate``: a linear probe on those states (layers and feature kind by cross-validation), with
    out-of-fold probabilities for the threshold; the paper's transition score is kept for reference.
 4. screen: candidate directions (paper anchors, style-matched validation means, refusal vs
    compliance of the model's own replies) x layer windows x alpha, scored without decoding by how
@@ -63,7 +63,7 @@ from safesteer.methods.scans.directions import (
 from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.gate import (
     auroc,
-    choose_gate,
+    cached_gate_choice,
     fit_probe,
     out_of_fold,
     transition_scores,
@@ -96,10 +96,7 @@ class Calibration:
     default_rates: dict[str, float] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------
-# the pipeline
-
-
+# the pipeline ---------------------------------------------------------------------------------
 class Calibrator:
     """Runs the stages of the calibrated recipe for one model, writing to ``out``."""
 
@@ -365,7 +362,9 @@ class Calibrator:
         # gate: probe on anchors + validation; thresholds from out-of-fold probabilities
         self.say("choosing the gate (probe layers, features) by cross-validation")
         harmful = [True] * n_h + [False] * n_b + [lab == "unsafe" for lab in self.labels]
-        choice = choose_gate(states, harmful, n_layers=cfg.probe_layers, seed=cfg.seed)
+        choice = cached_gate_choice(
+            self.out / "gate.json", model_key(lm), states, harmful, cfg.probe_layers, cfg.seed
+        )
         oof = out_of_fold(states, harmful, choice.layers, choice.kind, choice.c, 5, cfg.seed)
         val_prob = oof[n_h + n_b :]
         probe = fit_probe(states, harmful, choice.layers, choice.kind, choice.c, cfg.seed)

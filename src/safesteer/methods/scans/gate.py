@@ -9,14 +9,17 @@ harmful. It needs no extra forward: SCANS' fused prefill records these states an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
+
+from safesteer.methods.scans.calibration_cache import cached_json, fingerprint
 
 FeatureKind = Literal["last", "reply", "transition"]
 FEATURE_KINDS: tuple[FeatureKind, ...] = ("last", "reply", "transition")
@@ -175,3 +178,28 @@ def choose_gate(
     ]
     best_auc, best_c = max(scored)
     return GateChoice(layers, best_kind, best_c, best_auc, per_layer)
+
+
+def cached_gate_choice(
+    path: Path,
+    model_id: Sequence[Any],
+    states: torch.Tensor,
+    harmful: Sequence[bool],
+    n_layers: int = 3,
+    seed: int = 0,
+) -> GateChoice:
+    """``choose_gate``, saved at ``path`` under a key of everything it depends on, so a resumed
+    calibration reads the choice instead of repeating the cross-validation (minutes on 1.5B)."""
+    key = fingerprint(list(model_id), "gate", states, list(harmful), n_layers, seed)
+
+    def compute() -> dict[str, Any]:
+        return asdict(choose_gate(states, harmful, n_layers=n_layers, seed=seed))
+
+    stored = cached_json(path, key, compute)
+    return GateChoice(
+        layers=tuple(int(i) for i in stored["layers"]),
+        kind=stored["kind"],
+        c=float(stored["c"]),
+        oof_auroc=float(stored["oof_auroc"]),
+        per_layer_auroc={k: [float(x) for x in v] for k, v in stored["per_layer_auroc"].items()},
+    )
