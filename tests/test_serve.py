@@ -20,23 +20,28 @@ from typing import Any
 
 import openai
 import pytest
+import torch
 import uvicorn
 from transformers import PreTrainedTokenizerFast
 
 from conftest import BENIGN, HARMFUL, build_tiny, random_switch
+from safesteer.core.activations import capture
 from safesteer.core.generation import GenerationConfig, decode_texts, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
+from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.combined import combined_generate
+from safesteer.methods.combined_gate import CombinedGate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import safeswitch_generate
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.decide import classify, unsteered
 from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.gate import ProbeGate
 from safesteer.methods.scans.generate import scans_generate
 from safesteer.methods.scans.settings import ScansSettings
 from safesteer.serving import Engine, EngineSettings, ServeSettings, create_app
-from safesteer.serving.loading import default_method
+from safesteer.serving.loading import default_method, load_methods
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 TOKENS = 10
@@ -240,6 +245,46 @@ def test_combined_method_through_the_server_equals_the_library(
         assert decision["steered"] == want.steered
         assert decision["flagged"] == want.decision.flagged
         assert decision["stage1"] == pytest.approx(want.decision.stage1)
+
+
+def test_combined_gate_through_the_server_equals_the_library(
+    tmp_path: Path, lm: LoadedModel, scans: ScansArtifact
+) -> None:
+    switch = random_switch(lm, "two-stage").with_settings(steer_below=1.5, threshold2=-1.0)
+    generator = torch.Generator().manual_seed(3)
+    probe = ProbeGate(
+        (1, 2),
+        "last",
+        torch.zeros(2 * lm.hidden_size),
+        torch.ones(2 * lm.hidden_size),
+        torch.randn(2 * lm.hidden_size, generator=generator),
+        0.0,
+    )
+    layout = ChatLayout(lm.tokenizer, switch.settings.system_prompt)
+    p_gate = probe.probability(capture(lm, [layout.prompt_ids(q) for q in QUERIES], [-1], [1, 2]))
+    threshold = float(p_gate.median())
+    gate = CombinedGate(probe, threshold, switch.settings.system_prompt, lm.fingerprint())
+    gate.save(tmp_path / "gate")
+    scans.save(tmp_path / "scans")
+    switch.save(tmp_path / "switch")
+    loaded = load_methods(lm, [tmp_path / "scans", tmp_path / "switch", tmp_path / "gate"])
+    engine = Engine(lm, scans=loaded[0], safeswitch=loaded[1], combined_gate=loaded[2])
+    M = "scans+safeswitch"
+    config = GenerationConfig(max_new_tokens=TOKENS)
+    expected = combined_generate(lm, switch, scans, QUERIES, config, gate=gate)
+    assert [r.steered for r in expected] == (p_gate < threshold).tolist()
+    assert {r.steered for r in expected} == {True, False}  # stage 1 alone would steer every row
+    with serving(engine, _settings(lm, default_method=M)) as (url, _, settings):
+        client = _client(url)
+        with ThreadPoolExecutor(len(QUERIES)) as pool:
+            answers = list(pool.map(lambda q: _ask(client, settings.model_id, q), QUERIES))
+    for want, answer in zip(expected, answers, strict=True):
+        assert answer.choices[0].message.content == want.response
+        assert answer.model_extra["safesteer"]["steered"] == want.steered
+    with pytest.raises(ArtifactError, match="combined gate works inside scans\\+safeswitch"):
+        load_methods(lm, [tmp_path / "scans", tmp_path / "gate"])
+    with pytest.raises(ValueError, match="needs both"):
+        Engine(lm, scans=scans, combined_gate=gate)
 
 
 def test_combined_method_needs_both_artifacts(

@@ -47,6 +47,12 @@ def eval_command(
             help="A SafeSwitch artifact (safeswitch, head, prober+prompt, scans+safeswitch)."
         ),
     ] = None,
+    combined_gate: Annotated[
+        Path | None,
+        typer.Option(
+            help="scans+safeswitch: a second gate on steering (`safesteer fit combined-gate`)."
+        ),
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Seeded sample of N prompts per subset.")
     ] = None,
@@ -124,6 +130,7 @@ def eval_command(
         model=model,
         artifact=str(artifact) if artifact else None,
         safeswitch_artifact=str(safeswitch_artifact) if safeswitch_artifact else None,
+        combined_gate=str(combined_gate) if combined_gate else None,
         limit=limit,
         stratify=[f.strip() for f in (stratify or "").split(",") if f.strip()],
         max_new_tokens=max_new_tokens,

@@ -12,6 +12,7 @@ import typer
 from safesteer import __version__
 from safesteer.cli.analyze import analyze
 from safesteer.cli.calibrate import calibrate_command
+from safesteer.cli.combined_gate import fit_combined_gate_command
 from safesteer.cli.common import err, quiet_libraries
 from safesteer.cli.datasets import datasets_app
 from safesteer.cli.eval import compare, demo, eval_command, report
@@ -40,6 +41,7 @@ app.command("calibrate")(calibrate_command)
 app.command("serve")(serve_command)
 app.command()(run)
 fit_app.command("scans")(fit_scans_command)
+fit_app.command("combined-gate")(fit_combined_gate_command)
 app.command()(generate)
 app.command("eval")(eval_command)
 app.command()(demo)

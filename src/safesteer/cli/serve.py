@@ -32,7 +32,10 @@ def serve_command(
     ] = None,
     artifact: Annotated[
         list[Path] | None,
-        typer.Option(help="A SCANS or SafeSwitch artifact folder (repeat for both)."),
+        typer.Option(
+            help="A SCANS or SafeSwitch artifact folder (repeat for both), or a combined gate "
+            "(`safesteer fit combined-gate`) for scans+safeswitch."
+        ),
     ] = None,
     method: Annotated[
         str | None,
@@ -125,7 +128,7 @@ def _serve(
             raise ValueError("--threads must be at least 1")
         torch.set_num_threads(threads)
     lm = load_model(model, dtype=dtype, device=device, device_map=device_map)
-    scans, safeswitch = load_methods(lm, artifacts)
+    scans, safeswitch, gate = load_methods(lm, artifacts)
     chosen = default_method(method, scans, safeswitch)
     settings = ServeSettings(
         model_id=served_model_name or lm.name,
@@ -135,7 +138,9 @@ def _serve(
         default_max_tokens=min(default_max_tokens, max_tokens_limit),
         context=context_length(lm),
     )
-    engine = Engine(lm, scans=scans, safeswitch=safeswitch, settings=engine_settings)
+    engine = Engine(
+        lm, scans=scans, safeswitch=safeswitch, combined_gate=gate, settings=engine_settings
+    )
     app = create_app(engine, settings)
     auth = "API key required" if api_key else "no API key (loopback only)"
     err.print(

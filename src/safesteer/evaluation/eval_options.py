@@ -50,6 +50,7 @@ class EvalOptions:
     model: str | None = None
     artifact: str | None = None
     safeswitch_artifact: str | None = None
+    combined_gate: str | None = None  # scans+safeswitch: the second gate's artifact
     limit: int | None = None
     stratify: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
@@ -86,6 +87,8 @@ class EvalOptions:
             skip.add("judge_template")
         if self.system_prompt == "suite":
             skip.add("system_prompt")
+        if self.combined_gate is None:
+            skip.add("combined_gate")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 

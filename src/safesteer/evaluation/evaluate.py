@@ -61,6 +61,7 @@ from safesteer.evaluation.run_setup import (
 )
 from safesteer.evaluation.suites import Suite, get_suite
 from safesteer.methods.combined import check_combinable, combined_generate
+from safesteer.methods.combined_gate import CombinedGate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, sha256_text
 from safesteer.methods.safeswitch.baselines import prober_prompt_generate
 from safesteer.methods.safeswitch.generate import safeswitch_generate
@@ -108,8 +109,10 @@ def run_method(
     seed: int,
     on_batch: OnBatch,
     safeswitch: SafeSwitchArtifact | None = None,
+    gate: CombinedGate | None = None,
 ) -> None:
-    """Generate for ``queries`` with one method, reporting each finished batch."""
+    """Generate for ``queries`` with one method, reporting each finished batch (``gate``: the
+    combined method's optional second gate)."""
     if method in SAFESWITCH_METHODS:
         if safeswitch is None:
             raise RunError(f"method {method!r} needs --safeswitch-artifact DIR ({SAFESWITCH_FIT})")
@@ -130,7 +133,14 @@ def run_method(
 
         if method == "scans+safeswitch":
             combined_generate(
-                lm, safeswitch, artifact, queries, config, batch_size=batch_size, on_batch=switched
+                lm,
+                safeswitch,
+                artifact,
+                queries,
+                config,
+                batch_size=batch_size,
+                on_batch=switched,
+                gate=gate,
             )
         elif method == "prober+prompt":
             prober_prompt_generate(
@@ -216,6 +226,11 @@ def _check_methods(options: EvalOptions) -> None:
             raise RunError(
                 f"method(s) {needs_switch} need --safeswitch-artifact DIR ({SAFESWITCH_FIT})"
             )
+    if options.combined_gate and "scans+safeswitch" not in options.methods:
+        raise RunError(
+            "--combined-gate is a gate of the scans+safeswitch method only; add that method to "
+            "--methods or drop --combined-gate"
+        )
 
 
 def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> dict[str, Any]:
@@ -261,11 +276,13 @@ def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> di
     anchors = {
         a.strip() for a in artifact.anchors.get("harmful", []) + artifact.anchors.get("benign", [])
     } | {t.strip() for t in lm.trained_on}  # a fine-tune's own training prompts
-    switch = None
+    switch, gate = None, None
     if options.safeswitch_artifact and any(m in SAFESWITCH_METHODS for m in options.methods):
         switch = SafeSwitchArtifact.load(options.safeswitch_artifact, lm)
         if "scans+safeswitch" in options.methods:
-            check_combinable(switch, artifact)
+            if options.combined_gate:
+                gate = CombinedGate.load(options.combined_gate, lm)
+            check_combinable(switch, artifact, gate)
         if override and switch.settings.system_prompt != system_text:
             console.print(
                 "[yellow]note:[/yellow] SafeSwitch's methods keep the prompt format their probers "
@@ -311,6 +328,7 @@ def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> di
         "model": lm.name,
         "scans": artifact.settings.to_json(),
         "safeswitch": None if switch is None else switch.settings.to_json(),
+        "combined_gate": None if gate is None else gate.summary(),
         "n_prompts": len(prompts),
     }
     settings_path.write_text(json.dumps(settings, indent=2) + "\n")
@@ -370,6 +388,7 @@ def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> di
                 options.seed,
                 write,
                 safeswitch=switch,
+                gate=gate,
             )
     ordered = write_rows(responses_path, rows, options.methods)
     summary = summarise(ordered, suite, options)

@@ -7,7 +7,9 @@ Per row, in one batched greedy generation with one prefill:
     chosen at fit time so that at most a budget of the validation split's harmful prompts fall
     under it; old artifacts: stage 1's threshold) are steered away from refusal with the SCANS
     artifact's vectors (coefficient -1 at its steering layers, from the last prompt token on):
-    these are the rows where a refusal would be a false one;
+    these are the rows where a refusal would be a false one. With a second gate
+    (:mod:`safesteer.methods.combined_gate`, read from the same prefill) a row is steered only
+    when that gate calls it benign too;
   - the other rows stay unsteered; after ``n_decode`` tokens stage 2 asks whether
     the model is about to comply, and if so the refusal head takes over (as in SafeSwitch).
 To steer the last prompt token the cache is rolled back by one token after the prefill and that
@@ -19,11 +21,12 @@ harmful prompts that the model refuses, which must not be steered away from refu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
-from safesteer.core.activations import forward
+from safesteer.core.activations import forward, recording
 from safesteer.core.generation import (
     Generated,
     GenerationConfig,
@@ -36,6 +39,7 @@ from safesteer.core.generation import (
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout, left_pad
 from safesteer.core.steering import steering
+from safesteer.methods.combined_gate import CombinedGate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import SwitchDecision, Switcher, switching
 from safesteer.methods.scans.artifact import ScansArtifact
@@ -54,14 +58,19 @@ class CombinedResult:
     stopped: bool
 
 
-def check_combinable(switch: SafeSwitchArtifact, scans: ScansArtifact) -> None:
-    """Refuse a SafeSwitch configuration that cannot gate the steering, or broken SCANS tensors."""
+def check_combinable(
+    switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate | None = None
+) -> None:
+    """Refuse a SafeSwitch configuration that cannot gate the steering, broken SCANS tensors, or
+    a second gate fitted under another prompt format."""
     if switch.settings.mode != "two-stage":
         raise ValueError(
             "scans+safeswitch needs a two-stage SafeSwitch artifact (stage 1 says which rows are "
             "benign); refit with `safesteer fit safeswitch --mode two-stage`"
         )
     check_steerable(scans)
+    if gate is not None:
+        gate.check_layout(switch)
 
 
 @torch.inference_mode()
@@ -74,6 +83,7 @@ def combined_batch(
     *,
     on_step: StepCallback | None = None,
     on_gate: Callable[[Switcher, list[bool]], None] | None = None,
+    gate: CombinedGate | None = None,
 ) -> tuple[Generated, list[SwitchDecision], list[bool]]:
     """Gate, steer and switch one batch of encoded prompts (see the module docstring).
 
@@ -86,9 +96,13 @@ def combined_batch(
     width = batch.width
     cache = new_cache(lm, rollback=True)
     with switching(lm, switch, width, len(encoded)) as switcher:
-        forward(lm, batch, past_key_values=cache, use_cache=True)
+        with ExitStack() as hooks:
+            second = None if gate is None else hooks.enter_context(recording(lm, gate.layers, [-1]))
+            forward(lm, batch, past_key_values=cache, use_cache=True)
         p1 = switcher.stage1_probabilities()
         benign = p1 < switch.settings.steering_threshold
+        if gate is not None and second is not None:
+            benign &= gate.allows(second.stacked()).to(benign.device)
         steered = [bool(b) for b in benign.tolist()]
         if on_gate is not None:
             on_gate(switcher, steered)
@@ -112,12 +126,14 @@ def combined_generate(
     *,
     batch_size: int = 16,
     on_batch: Callable[[list[int], list[CombinedResult]], None] | None = None,
+    gate: CombinedGate | None = None,
 ) -> list[CombinedResult]:
     """Generate for ``queries`` with the combined method, in length-sorted batches.
 
-    ``on_batch(indices, results)`` is called after every batch (e.g. to write results as they come).
+    ``on_batch(indices, results)`` is called after every batch (e.g. to write results as they
+    come). ``gate``: the optional second gate on steering (``safesteer fit combined-gate``).
     """
-    check_combinable(switch, scans)
+    check_combinable(switch, scans, gate)
     if not config.use_cache:
         raise ValueError("scans+safeswitch needs the KV cache (it steers from a rolled-back cache)")
     layout = ChatLayout(lm.tokenizer, switch.settings.system_prompt)
@@ -125,7 +141,7 @@ def combined_generate(
     results: list[CombinedResult | None] = [None] * len(queries)
     for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
         generated, decisions, steered = combined_batch(
-            lm, switch, scans, [encoded[i] for i in indices], config
+            lm, switch, scans, [encoded[i] for i in indices], config, gate=gate
         )
         batch: list[CombinedResult] = []
         for k, i in enumerate(indices):

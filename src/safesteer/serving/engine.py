@@ -43,7 +43,8 @@ import torch
 from safesteer.core.generation import GenerationConfig, StepCallback, generate_ids, stop_token_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
-from safesteer.methods.combined import combined_batch
+from safesteer.methods.combined import check_combinable, combined_batch
+from safesteer.methods.combined_gate import CombinedGate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switching
 from safesteer.methods.scans.artifact import ScansArtifact
@@ -112,12 +113,18 @@ class Engine:
         *,
         scans: ScansArtifact | None = None,
         safeswitch: SafeSwitchArtifact | None = None,
+        combined_gate: CombinedGate | None = None,
         settings: EngineSettings | None = None,
         step_hook: Callable[[], None] | None = None,
     ) -> None:
         self.lm = lm
         self.scans = scans
         self.safeswitch = safeswitch
+        self.combined_gate = combined_gate
+        if combined_gate is not None:
+            if scans is None or safeswitch is None:
+                raise ValueError("a combined gate needs both a SCANS and a SafeSwitch artifact")
+            check_combinable(safeswitch, scans, combined_gate)
         self.settings = settings or EngineSettings()
         self.step_hook = step_hook  # called after every decoding step (tests pause here)
         self.batches: deque[tuple[int, dict[str, int]]] = deque(maxlen=1000)
@@ -341,6 +348,7 @@ class Engine:
             config,
             on_step=self._stepper(jobs, decide),
             on_gate=lambda switcher, steered: seen.update(switcher=switcher, steered=steered),
+            gate=self.combined_gate,
         )
 
     def _stepper(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import MANIFEST, ArtifactError
+from safesteer.methods.combined_gate import METHOD, CombinedGate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.serving.protocol import METHODS, Method
@@ -22,30 +23,39 @@ def artifact_method(directory: Path) -> str:
         method = json.loads(path.read_text()).get("method")
     except (ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); refit the artifact") from None
-    if method not in ("scans", "safeswitch"):
+    if method not in ("scans", "safeswitch", METHOD):
         raise ArtifactError(
-            f"{directory} holds a {method!r} artifact; serve takes scans or safeswitch"
+            f"{directory} holds a {method!r} artifact; serve takes scans, safeswitch or {METHOD}"
         )
     return str(method)
 
 
 def load_methods(
     lm: LoadedModel, directories: Sequence[Path]
-) -> tuple[ScansArtifact | None, SafeSwitchArtifact | None]:
-    """At most one SCANS and one SafeSwitch artifact, each checked against ``lm``."""
+) -> tuple[ScansArtifact | None, SafeSwitchArtifact | None, CombinedGate | None]:
+    """At most one SCANS artifact, one SafeSwitch artifact and one combined gate (which needs
+    both), each checked against ``lm``."""
     scans: ScansArtifact | None = None
     safeswitch: SafeSwitchArtifact | None = None
+    gate: CombinedGate | None = None
     for directory in directories:
         method = artifact_method(directory)
         if method == "scans":
             if scans is not None:
                 raise ArtifactError("give at most one SCANS artifact")
             scans = ScansArtifact.load(directory, lm)
+        elif method == METHOD:
+            if gate is not None:
+                raise ArtifactError("give at most one combined gate")
+            gate = CombinedGate.load(directory, lm)
         else:
             if safeswitch is not None:
                 raise ArtifactError("give at most one SafeSwitch artifact")
             safeswitch = SafeSwitchArtifact.load(directory, lm)
-    return scans, safeswitch
+    if gate is not None and "scans+safeswitch" not in available_methods(scans, safeswitch):
+        needs = artifact_hint("scans+safeswitch")
+        raise ArtifactError(f"a combined gate works inside scans+safeswitch, which needs {needs}")
+    return scans, safeswitch, gate
 
 
 def available_methods(

@@ -159,17 +159,19 @@ def choose_gate(
     n_layers: int = 3,
     candidates_c: Sequence[float] = (0.01, 0.05, 0.2),
     seed: int = 0,
+    kinds: Sequence[FeatureKind] = FEATURE_KINDS,
 ) -> GateChoice:
-    """Pick the feature kind and the ``n_layers`` best layers by one-layer out-of-fold AUROC,
-    then the regularisation ``c`` of the combined probe, all by cross-validation."""
+    """Pick the feature kind (among ``kinds``) and the ``n_layers`` best layers by one-layer
+    out-of-fold AUROC, then the regularisation ``c`` of the combined probe, all by
+    cross-validation. ``kinds=("last",)`` needs only the last prompt token's states."""
     total = states.shape[1]
     per_layer: dict[str, list[float]] = {}
-    for kind in FEATURE_KINDS:
+    for kind in kinds:
         per_layer[kind] = [
             auroc(harmful, out_of_fold(states, harmful, [layer], kind, 0.05, 4, seed))
             for layer in range(total)
         ]
-    best_kind = max(FEATURE_KINDS, key=lambda k: max(per_layer[k]))
+    best_kind = max(kinds, key=lambda k: max(per_layer[k]))
     ranked = sorted(range(total), key=lambda i: -per_layer[best_kind][i])
     layers = tuple(sorted(ranked[:n_layers]))
     scored = [
