@@ -36,7 +36,14 @@ from transformers import (
 
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact, head_checksum
-from safesteer.methods.safeswitch.settings import Prober, SafeSwitchSettings
+from safesteer.methods.safeswitch.settings import (
+    SAFESWITCH_SYSTEM_PROMPT,
+    Prober,
+    SafeSwitchSettings,
+)
+from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.fit import fit_scans
+from safesteer.methods.scans.settings import ScansSettings
 from safesteer.models import load_model, wrap_model
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -307,3 +314,16 @@ def random_switch(
         model_fingerprint=lm.fingerprint(),
         base_head_checksum=head_checksum(lm),
     )
+
+
+def combined_scans(lm: LoadedModel) -> ScansArtifact:
+    """SCANS fitted on the tiny anchors under SafeSwitch's system prompt (for scans+safeswitch)."""
+    settings = ScansSettings(
+        alpha=0.6,
+        alpha_mode="relative",
+        steer_layers=(1, 2),
+        cls_layers=(1, 2, 3),
+        threshold=0.0,
+        system_prompt=SAFESWITCH_SYSTEM_PROMPT,
+    )
+    return fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BENIGN, HARMFUL, random_switch
+from conftest import BENIGN, HARMFUL, combined_scans, random_switch
 from safesteer.core.generation import GenerationConfig, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
@@ -33,9 +33,7 @@ from safesteer.methods.safeswitch.settings import (
     SAFESWITCH_SYSTEM_PROMPT,
 )
 from safesteer.methods.scans.artifact import ScansArtifact
-from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.generate import scans_generate
-from safesteer.methods.scans.settings import ScansSettings
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=8)
@@ -52,15 +50,7 @@ def lm(tiny_models: dict[str, LoadedModel]) -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def scans(lm: LoadedModel) -> ScansArtifact:
-    settings = ScansSettings(
-        alpha=0.6,
-        alpha_mode="relative",
-        steer_layers=(1, 2),
-        cls_layers=(1, 2, 3),
-        threshold=0.0,
-        system_prompt=SAFESWITCH_SYSTEM_PROMPT,
-    )
-    return fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)
+    return combined_scans(lm)
 
 
 def _encoded(lm: LoadedModel, switch: SafeSwitchArtifact) -> list[list[int]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import BENIGN, HARMFUL, random_switch
+from conftest import BENIGN, HARMFUL, combined_scans, random_switch
 from safesteer.cli.main import app
 from safesteer.core.activations import capture
 from safesteer.core.generation import GenerationConfig
@@ -28,8 +28,6 @@ from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switched_generate_ids
 from safesteer.methods.safeswitch.settings import SAFESWITCH_SYSTEM_PROMPT
 from safesteer.methods.scans.artifact import ScansArtifact
-from safesteer.methods.scans.fit import fit_scans
-from safesteer.methods.scans.settings import ScansSettings
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=6)
@@ -69,15 +67,7 @@ def switch(lm: LoadedModel) -> SafeSwitchArtifact:
 
 @pytest.fixture(scope="module")
 def scans(lm: LoadedModel) -> ScansArtifact:
-    settings = ScansSettings(
-        alpha=0.6,
-        alpha_mode="relative",
-        steer_layers=(1, 2),
-        cls_layers=(1, 2, 3),
-        threshold=0.0,
-        system_prompt=SAFESWITCH_SYSTEM_PROMPT,
-    )
-    return fit_scans(lm, HARMFUL, BENIGN, settings, batch_size=4)
+    return combined_scans(lm)
 
 
 @pytest.fixture(scope="module")
