@@ -18,11 +18,12 @@ from safesteer.core.generation import GenerationConfig
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
 from safesteer.datasets import Prompt
-from safesteer.evaluation.eval_options import EvalOptions
+from safesteer.evaluation.eval_options import EvalOptions, MethodOutput
+from safesteer.evaluation.eval_rows import make_row
 from safesteer.evaluation.evaluate import evaluate
 from safesteer.evaluation.run_setup import RunError
 from safesteer.methods.artifacts import ArtifactError
-from safesteer.methods.combined import check_combinable, combined_batch
+from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
 from safesteer.methods.combined_gate import CombinedGate, fit_combined_gate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switched_generate_ids
@@ -105,10 +106,14 @@ def test_a_row_is_steered_only_when_both_gates_call_it_benign(
     p_gate = _gate_probabilities(lm, gate, encoded)
     middle = sorted(p_gate)[len(p_gate) // 2]
     halved = dataclasses.replace(gate, threshold=middle)  # about half the rows may be steered
-    generated, decisions, steered = combined_batch(lm, switch, scans, encoded, CONFIG, gate=halved)
+    generated, decisions, steered, gated = combined_batch(
+        lm, switch, scans, encoded, CONFIG, gate=halved
+    )
+    assert gated == pytest.approx(p_gate, abs=1e-5)
     assert steered == [p < middle for p in p_gate]
     assert any(steered) and not all(steered)
-    free, _, free_steered = combined_batch(lm, switch, scans, encoded, CONFIG)
+    free, _, free_steered, no_gate = combined_batch(lm, switch, scans, encoded, CONFIG)
+    assert no_gate == [None] * len(QUERIES)
     assert all(free_steered)  # without the gate stage 1 steers every row
     vetoed, _ = switched_generate_ids(lm, switch, encoded, CONFIG)
     for row in range(len(QUERIES)):
@@ -117,9 +122,14 @@ def test_a_row_is_steered_only_when_both_gates_call_it_benign(
         else:  # vetoed: SafeSwitch alone, token for token
             assert generated.token_ids[row] == vetoed.token_ids[row]
             assert decisions[row].stage1 is not None
+    results = combined_generate(lm, switch, scans, QUERIES, CONFIG, gate=halved)
+    assert [r.steered for r in results] == steered
+    assert [r.gate for r in results] == pytest.approx(p_gate, abs=1e-5)
+    row = make_row("scans+safeswitch", 0, VALIDATION[0], MethodOutput("x", None, gate=0.25), {})
+    assert row["gate"] == 0.25  # eval rows keep the gate's probability
     # rows batched together equal rows alone
     for row, ids in enumerate(encoded):
-        alone, _, (was_steered,) = combined_batch(lm, switch, scans, [ids], CONFIG, gate=halved)
+        alone, _, (was_steered,), _ = combined_batch(lm, switch, scans, [ids], CONFIG, gate=halved)
         assert alone.token_ids[0] == generated.token_ids[row] and was_steered == steered[row]
 
 
@@ -128,8 +138,8 @@ def test_open_gate_changes_nothing(
 ) -> None:
     encoded = _encoded(lm, switch)
     opened = dataclasses.replace(gate, threshold=1.01)
-    with_gate, _, steered = combined_batch(lm, switch, scans, encoded, CONFIG, gate=opened)
-    without, _, free_steered = combined_batch(lm, switch, scans, encoded, CONFIG)
+    with_gate, _, steered, _ = combined_batch(lm, switch, scans, encoded, CONFIG, gate=opened)
+    without, _, free_steered, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
     assert with_gate.token_ids == without.token_ids and steered == free_steered
 
 
@@ -185,4 +195,3 @@ def test_probabilities_match_a_direct_read(lm: LoadedModel, gate: CombinedGate) 
     states = torch.randn(3, len(gate.layers), 1, lm.hidden_size)
     direct = gate.probe.probability(states)
     assert torch.allclose(gate.probabilities(states), direct)
-    assert gate.allows(states).tolist() == (direct < gate.threshold).tolist()

@@ -281,6 +281,7 @@ def test_combined_gate_through_the_server_equals_the_library(
     for want, answer in zip(expected, answers, strict=True):
         assert answer.choices[0].message.content == want.response
         assert answer.model_extra["safesteer"]["steered"] == want.steered
+        assert answer.model_extra["safesteer"]["gate"] == pytest.approx(want.gate)
     with pytest.raises(ArtifactError, match="combined gate works inside scans\\+safeswitch"):
         load_methods(lm, [tmp_path / "scans", tmp_path / "gate"])
     with pytest.raises(ValueError, match="needs both"):

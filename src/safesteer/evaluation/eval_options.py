@@ -107,6 +107,7 @@ class MethodOutput:
     stage2: float | None = None
     flagged: bool | None = None
     steered: bool | None = None  # scans+safeswitch: steered away from refusal
+    gate: float | None = None  # scans+safeswitch: the second gate's P(harmful), if one is used
 
 
 OnBatch = Callable[[list[int], list[MethodOutput]], None]

@@ -130,6 +130,7 @@ def make_row(
         "stage2": output.stage2,
         "flagged": output.flagged,
         "steered": output.steered,
+        "gate": output.gate,
         "sigma": None if decision is None else decision.sigma,
         "layer_cosines": None
         if decision is None

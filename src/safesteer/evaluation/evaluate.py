@@ -126,6 +126,7 @@ def run_method(
                     r.decision.stage2,
                     r.decision.flagged,
                     getattr(r, "steered", None),
+                    getattr(r, "gate", None),
                 )
                 for r in results
             ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -56,6 +57,17 @@ class CombinedResult:
     response: str
     token_ids: list[int]
     stopped: bool
+    gate: float | None = None  # the second gate's P(harmful), when one is used
+
+
+class CombinedBatch(NamedTuple):
+    """One batch's generation, SafeSwitch's decisions, which rows were steered away from refusal,
+    and the second gate's P(harmful) per row (None without a gate)."""
+
+    generated: Generated
+    decisions: list[SwitchDecision]
+    steered: list[bool]
+    gate: list[float | None]
 
 
 def check_combinable(
@@ -82,16 +94,17 @@ def combined_batch(
     config: GenerationConfig,
     *,
     on_step: StepCallback | None = None,
-    on_gate: Callable[[Switcher, list[bool]], None] | None = None,
+    on_gate: Callable[[Switcher, list[bool], list[float | None]], None] | None = None,
     gate: CombinedGate | None = None,
-) -> tuple[Generated, list[SwitchDecision], list[bool]]:
+) -> CombinedBatch:
     """Gate, steer and switch one batch of encoded prompts (see the module docstring).
 
     ``on_step``: see :data:`~safesteer.core.generation.StepCallback`. ``on_gate(switcher,
-    steered)`` is called once the gate has decided, before decoding (a server reads each row's
-    decision from ``switcher`` as the row finishes)."""
+    steered, gate)`` is called once the gates have decided, before decoding (a server reads each
+    row's decision from ``switcher`` as the row finishes); ``gate`` holds the second gate's
+    P(harmful) per row, None without one."""
     if not encoded:
-        return Generated([], []), [], []
+        return CombinedBatch(Generated([], []), [], [], [])
     batch = left_pad(encoded, int(lm.tokenizer.pad_token_id), lm.device)
     width = batch.width
     cache = new_cache(lm, rollback=True)
@@ -101,11 +114,14 @@ def combined_batch(
             forward(lm, batch, past_key_values=cache, use_cache=True)
         p1 = switcher.stage1_probabilities()
         benign = p1 < switch.settings.steering_threshold
+        p_gate: list[float | None] = [None] * len(encoded)
         if gate is not None and second is not None:
-            benign &= gate.allows(second.stacked()).to(benign.device)
+            probabilities = gate.probabilities(second.stacked())
+            p_gate = [float(p) for p in probabilities.tolist()]
+            benign &= (probabilities < gate.threshold).to(benign.device)
         steered = [bool(b) for b in benign.tolist()]
         if on_gate is not None:
-            on_gate(switcher, steered)
+            on_gate(switcher, steered, p_gate)
         coefficients = torch.where(benign, -1.0, 0.0).cpu()
         rollback(cache, 1)
         step = Batch(batch.input_ids[:, -1:], batch.attention_mask, batch.position_ids[:, -1:])
@@ -114,7 +130,7 @@ def combined_batch(
             first = out.logits[:, -1, :].float()
             generated = decode_loop(lm, batch, first, cache, config, on_step)
         decisions = switcher.decisions()
-    return generated, decisions, steered
+    return CombinedBatch(generated, decisions, steered, p_gate)
 
 
 def combined_generate(
@@ -140,7 +156,7 @@ def combined_generate(
     encoded = [layout.prompt_ids(q) for q in queries]
     results: list[CombinedResult | None] = [None] * len(queries)
     for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
-        generated, decisions, steered = combined_batch(
+        generated, decisions, steered, p_gate = combined_batch(
             lm, switch, scans, [encoded[i] for i in indices], config, gate=gate
         )
         batch: list[CombinedResult] = []
@@ -148,7 +164,7 @@ def combined_generate(
             ids = generated.token_ids[k]
             text = str(lm.tokenizer.decode(ids, skip_special_tokens=True)).strip()
             result = CombinedResult(
-                queries[i], decisions[k], steered[k], text, ids, generated.stopped[k]
+                queries[i], decisions[k], steered[k], text, ids, generated.stopped[k], p_gate[k]
             )
             batch.append(result)
             results[i] = result

@@ -62,10 +62,6 @@ class CombinedGate:
         report = {k: v for k, v in self.report.items() if k != "per_layer_auroc"}
         return {"layers": list(self.layers), "threshold": self.threshold, **report}
 
-    def allows(self, states: torch.Tensor) -> torch.Tensor:
-        """Per row: may it be steered away from refusal (P(harmful) below the threshold)?"""
-        return self.probabilities(states) < self.threshold
-
     def check_layout(self, switch: SafeSwitchArtifact) -> None:
         """Fail clearly when the gate was fitted under another prompt format than ``switch``."""
         if self.system_prompt != switch.settings.system_prompt:

@@ -338,6 +338,7 @@ class Engine:
                 "stage2": d.stage2,
                 "flagged": d.flagged,
                 "steered": bool(seen["steered"][row]),
+                **({} if self.combined_gate is None else {"gate": seen["gate"][row]}),
             }
 
         combined_batch(
@@ -347,7 +348,9 @@ class Engine:
             prompts,
             config,
             on_step=self._stepper(jobs, decide),
-            on_gate=lambda switcher, steered: seen.update(switcher=switcher, steered=steered),
+            on_gate=lambda switcher, steered, gate: seen.update(
+                switcher=switcher, steered=steered, gate=gate
+            ),
             gate=self.combined_gate,
         )
 
