@@ -8,7 +8,8 @@ from pathlib import Path
 
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import MANIFEST, ArtifactError
-from safesteer.methods.combined_gate import METHOD, CombinedGate
+from safesteer.methods.combined_gate import METHOD as GATE_METHOD
+from safesteer.methods.combined_gate import CombinedGate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.serving.protocol import METHODS, Method
@@ -23,9 +24,10 @@ def artifact_method(directory: Path) -> str:
         method = json.loads(path.read_text()).get("method")
     except (ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); refit the artifact") from None
-    if method not in ("scans", "safeswitch", METHOD):
+    if method not in ("scans", "safeswitch", GATE_METHOD):
         raise ArtifactError(
-            f"{directory} holds a {method!r} artifact; serve takes scans, safeswitch or {METHOD}"
+            f"{directory} holds a {method!r} artifact; serve takes scans, safeswitch or "
+            f"{GATE_METHOD}"
         )
     return str(method)
 
@@ -44,7 +46,7 @@ def load_methods(
             if scans is not None:
                 raise ArtifactError("give at most one SCANS artifact")
             scans = ScansArtifact.load(directory, lm)
-        elif method == METHOD:
+        elif method == GATE_METHOD:
             if gate is not None:
                 raise ArtifactError("give at most one combined gate")
             gate = CombinedGate.load(directory, lm)
