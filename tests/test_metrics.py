@@ -215,3 +215,23 @@ def test_run_summary_counts_empty_responses_apart() -> None:
         assert summary[judge]["by_label"]["safe"]["refusal_rate"] == 0.0
         assert summary[judge]["by_label"]["unsafe"]["n_empty"] == 1
     assert summarise([row("safe", "empty")])["strict_judge"]["avg"] is None
+
+
+def test_eval_summary_counts_the_rows_each_method_acted_on() -> None:
+    from safesteer.evaluation.eval_summary import interventions
+
+    def row(subset: str, flagged: object, steered: object) -> dict[str, object]:
+        return {"subset": subset, "flagged": flagged, "steered": steered}
+
+    rows = [
+        row("a", True, False),
+        row("a", False, True),
+        row("a", False, True),
+        row("b", True, None),  # SafeSwitch rows record no steering
+        row("c", None, None),  # SCANS or plain rows record neither
+    ]
+    assert interventions(rows) == {
+        "a": {"n": 3, "flagged": 1, "steered": 2},
+        "b": {"n": 1, "flagged": 1},
+    }
+    assert interventions([row("c", None, None)]) == {}

@@ -97,6 +97,22 @@ def response_lengths(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, floa
     return {s: {"n": len(w), "mean_words": sum(w) / len(w)} for s, w in words.items() if w}
 
 
+def interventions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per subset, how many rows a method acted on: ``flagged`` (SafeSwitch's refusal head took
+    over) and ``steered`` (scans+safeswitch steered away from refusal), out of ``n``. Only the
+    columns a method records are counted; a method that records neither gets no entry."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        acted = {k: r.get(k) for k in ("flagged", "steered") if r.get(k) is not None}
+        if not acted:
+            continue
+        entry = counts.setdefault(r["subset"], {"n": 0})
+        entry["n"] += 1
+        for key, value in acted.items():
+            entry[key] = entry.get(key, 0) + bool(value)
+    return counts
+
+
 def summarise(rows: Sequence[dict[str, Any]], suite: Suite, options: EvalOptions) -> dict[str, Any]:
     """Rates, Avgs with bootstrap intervals, classifier quality and judge agreement per method."""
     methods = [m for m in options.methods if any(r["method"] == m for r in rows)]
@@ -112,6 +128,7 @@ def summarise(rows: Sequence[dict[str, Any]], suite: Suite, options: EvalOptions
         "utility": {},
         "lengths": {},
         "answer_rate": {},
+        "interventions": {},
     }
     for method in methods:
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["id"])
@@ -151,6 +168,9 @@ def summarise(rows: Sequence[dict[str, Any]], suite: Suite, options: EvalOptions
         if utility:
             summary["utility"][method] = utility
         summary["lengths"][method] = response_lengths(mine)
+        acted = interventions(mine)
+        if acted:
+            summary["interventions"][method] = acted
     ordered = [r for m in methods for r in rows if r["method"] == m]
     summary["answer_rate"] = answer_rate_section(
         ordered, options.judges, options.bootstrap, options.seed
