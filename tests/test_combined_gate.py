@@ -164,6 +164,10 @@ def test_gate_round_trip_and_prompt_format_check(
     scans.save(tmp_path / "scans")
     with pytest.raises(ArtifactError, match="fit combined-gate"):
         CombinedGate.load(tmp_path / "scans")
+    with pytest.raises(ArtifactError, match="Create one with `safesteer fit combined-gate --out"):
+        CombinedGate.load(tmp_path / "missing")
+    with pytest.raises(ArtifactError, match="Create one with `safesteer fit safeswitch --out"):
+        SafeSwitchArtifact.load(tmp_path / "missing")
 
 
 def test_fit_refuses_what_cannot_gate(lm: LoadedModel, switch: SafeSwitchArtifact) -> None:

@@ -54,22 +54,23 @@ def save_artifact(
 
 
 def load_artifact(
-    directory: str | Path, method: str | None = None
+    directory: str | Path, method: str | None = None, fit: str = "scans"
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read an artifact; checks the format version and (optionally) the method."""
+    """Read an artifact; checks the format version and (optionally) the method. ``fit``: the
+    ``safesteer fit`` command the messages name for making the artifact anew."""
     path = Path(directory)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ArtifactError(
             f"{path} is not a safesteer artifact (no {MANIFEST}). Create one with "
-            "`safesteer fit scans --out DIR`."
+            f"`safesteer fit {fit} --out DIR`."
         )
     try:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise ArtifactError(
             f"{manifest_path} is not valid JSON: {exc}. The artifact is damaged; refit it "
-            "(`safesteer fit scans --out DIR`)."
+            f"(`safesteer fit {fit} --out DIR`)."
         ) from exc
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
@@ -101,8 +102,11 @@ def load_artifact(
     return manifest, tensors
 
 
-def check_model(manifest: dict[str, Any], lm: LoadedModel, directory: str | Path) -> None:
-    """Fail with a clear message when the artifact was fitted on another model.
+def check_model(
+    manifest: dict[str, Any], lm: LoadedModel, directory: str | Path, fit: str = "scans"
+) -> None:
+    """Fail with a clear message when the artifact was fitted on another model (``fit``: the
+    ``safesteer fit`` command the messages name).
 
     Config facts, the chat-template hash and exact hashes of sampled weight rows must match
     (:mod:`safesteer.core.fingerprint`), so a fine-tune of the same base is refused. Artifacts
@@ -115,7 +119,7 @@ def check_model(manifest: dict[str, Any], lm: LoadedModel, directory: str | Path
     if not isinstance(expected, dict):
         raise ArtifactError(
             f"{directory} has no model fingerprint in its manifest; refit it "
-            "(`safesteer fit scans --model ... --out DIR`)."
+            f"(`safesteer fit {fit} --model ... --out DIR`)."
         )
     legacy = is_legacy(expected)
     problem = fingerprint_mismatch(
@@ -125,7 +129,7 @@ def check_model(manifest: dict[str, Any], lm: LoadedModel, directory: str | Path
         raise ArtifactError(
             f"The artifact in {directory} was fitted on {expected.get('name')!r}, not on the "
             f"loaded model {lm.name!r}: {problem}. Fit a new artifact for this model "
-            "(`safesteer fit scans --model ... --out DIR`) or load the model it was made for."
+            f"(`safesteer fit {fit} --model ... --out DIR`) or load the model it was made for."
         )
     if legacy:
         log.warning(

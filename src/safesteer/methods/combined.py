@@ -40,7 +40,7 @@ from safesteer.core.generation import (
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout, left_pad
 from safesteer.core.steering import steering
-from safesteer.methods.combined_gate import CombinedGate
+from safesteer.methods.combined_gate import CombinedGate, require_two_stage
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import SwitchDecision, Switcher, switching
 from safesteer.methods.scans.artifact import ScansArtifact
@@ -75,11 +75,7 @@ def check_combinable(
 ) -> None:
     """Refuse a SafeSwitch configuration that cannot gate the steering, broken SCANS tensors, or
     a second gate fitted under another prompt format."""
-    if switch.settings.mode != "two-stage":
-        raise ValueError(
-            "scans+safeswitch needs a two-stage SafeSwitch artifact (stage 1 says which rows are "
-            "benign); refit with `safesteer fit safeswitch --mode two-stage`"
-        )
+    require_two_stage(switch)
     check_steerable(scans)
     if gate is not None:
         gate.check_layout(switch)

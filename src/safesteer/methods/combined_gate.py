@@ -38,6 +38,15 @@ METHOD = "combined-gate"
 FIT_COMMAND = "safesteer fit combined-gate --safeswitch-artifact DIR --out DIR"
 
 
+def require_two_stage(switch: SafeSwitchArtifact) -> None:
+    """Refuse a SafeSwitch artifact whose stage 1 cannot say which rows are benign."""
+    if switch.settings.mode != "two-stage":
+        raise ValueError(
+            "scans+safeswitch needs a two-stage SafeSwitch artifact (stage 1 says which rows are "
+            "benign); refit with `safesteer fit safeswitch --mode two-stage`"
+        )
+
+
 @dataclass
 class CombinedGate:
     """A probe on last-token states and the P(harmful) under which a row may be steered."""
@@ -86,12 +95,9 @@ class CombinedGate:
     @classmethod
     def load(cls, directory: str | Path, lm: LoadedModel | None = None) -> CombinedGate:
         """Load a gate; with ``lm``, fail clearly if it was fitted on another model."""
-        try:
-            manifest, tensors = load_artifact(directory, METHOD)
-            if lm is not None:
-                check_model(manifest, lm, directory)
-        except ArtifactError as exc:  # the shared messages name the SCANS fit command
-            raise ArtifactError(str(exc).replace("fit scans", "fit combined-gate")) from exc
+        manifest, tensors = load_artifact(directory, METHOD, fit=METHOD)
+        if lm is not None:
+            check_model(manifest, lm, directory, fit=METHOD)
         try:
             probe = ProbeGate.from_tensors(tensors, manifest["layers"], manifest["kind"])
             return cls(
@@ -132,11 +138,7 @@ def fit_combined_gate(
     would steer with the rows both gates would steer."""
     if not 0.0 <= budget < 1.0:
         raise ValueError(f"budget must be in [0, 1), got {budget}")
-    if switch.settings.mode != "two-stage":
-        raise ValueError(
-            "the combined gate works beside a two-stage SafeSwitch artifact (its stage 1 is the "
-            "first gate); refit it with `safesteer fit safeswitch --mode two-stage`"
-        )
+    require_two_stage(switch)
     labels = [p.label for p in validation]
     if "unsafe" not in labels or "safe" not in labels:
         raise ValueError("the validation set needs both unsafe and safe prompts")

@@ -110,12 +110,9 @@ class SafeSwitchArtifact:
     @classmethod
     def load(cls, directory: str | Path, lm: LoadedModel | None = None) -> SafeSwitchArtifact:
         """Load an artifact; with ``lm``, fail clearly if it was fitted on another model."""
-        try:
-            manifest, tensors = load_artifact(directory, "safeswitch")
-            if lm is not None:
-                check_model(manifest, lm, directory)
-        except ArtifactError as exc:  # the shared messages name the SCANS fit command
-            raise ArtifactError(str(exc).replace("fit scans", "fit safeswitch")) from exc
+        manifest, tensors = load_artifact(directory, "safeswitch", fit="safeswitch")
+        if lm is not None:
+            check_model(manifest, lm, directory, fit="safeswitch")
         try:
             settings = SafeSwitchSettings.from_json(manifest["settings"])
             stage1 = Prober.from_tensors("stage1", tensors)
