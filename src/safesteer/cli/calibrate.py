@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from safesteer.cli.common import BatchOpt, DtypeOpt, err
+from safesteer.cli.common import AnchorSizeOpt, BatchOpt, DataDirOpt, DtypeOpt, err
 
 
 def _numbers(text: str, example: str) -> tuple[float, ...]:
@@ -81,10 +81,10 @@ def calibrate_command(
         ),
     ] = "0.02,0.98",
     gen_tokens: Annotated[int, typer.Option(help="Tokens per validation reply.")] = 24,
-    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    anchor_size: AnchorSizeOpt = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
     batch_size: BatchOpt = 16,
-    data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
+    data_dir: DataDirOpt = None,
     dtype: DtypeOpt = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
 ) -> None:

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from safesteer.cli.common import BatchOpt, DeviceOpt, DtypeOpt, ModelOpt, err, resolve_device
+from safesteer.cli.common import (
+    AnchorSizeOpt,
+    BatchOpt,
+    DataDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    err,
+    resolve_device,
+)
 
 
 def fit_combined_gate_command(
@@ -26,10 +35,10 @@ def fit_combined_gate_command(
         ),
     ] = 0.05,
     probe_layers: Annotated[int, typer.Option(help="Layers the probe reads.")] = 3,
-    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    anchor_size: AnchorSizeOpt = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
     batch_size: BatchOpt = 16,
-    data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
+    data_dir: DataDirOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:

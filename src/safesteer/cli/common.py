@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -32,6 +33,8 @@ DeviceMapOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option(help="Seed for anchors, sampling and calibration.")]
 BatchOpt = Annotated[int, typer.Option(help="Prompts per batch.")]
+AnchorSizeOpt = Annotated[int, typer.Option(help="Harmful and benign anchors each.")]
+DataDirOpt = Annotated[Path | None, typer.Option(help="Datasets folder.")]
 TruncateOpt = Annotated[
     str,
     typer.Option(

@@ -9,7 +9,9 @@ import typer
 from rich.console import Console
 
 from safesteer.cli.common import (
+    AnchorSizeOpt,
     BatchOpt,
+    DataDirOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
@@ -53,7 +55,7 @@ def run(
             "artifact's anchors unless --threshold is given."
         ),
     ] = None,
-    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    anchor_size: AnchorSizeOpt = 64,
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold T (default: preset or calibrated).")
     ] = None,
@@ -115,7 +117,7 @@ def fit_scans_command(
     out: Annotated[Path, typer.Option(help="Artifact folder to write.")],
     model: ModelOpt = None,
     preset: Annotated[str | None, typer.Option(help="Paper settings preset.")] = None,
-    anchor_size: Annotated[int, typer.Option(help="Harmful and benign anchors each.")] = 64,
+    anchor_size: AnchorSizeOpt = 64,
     seed: SeedOpt = 0,
     multiplier: Annotated[float | None, typer.Option(help="Steering strength alpha.")] = None,
     layers: Annotated[str | None, typer.Option(help="Steering layers, e.g. 10-19.")] = None,
@@ -127,7 +129,7 @@ def fit_scans_command(
     ] = None,
     system_prompt: Annotated[str | None, typer.Option(help="Optional system prompt.")] = None,
     batch_size: BatchOpt = 16,
-    data_dir: Annotated[Path | None, typer.Option(help="Datasets folder.")] = None,
+    data_dir: DataDirOpt = None,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     device_map: DeviceMapOpt = None,
