@@ -22,7 +22,12 @@ from safesteer.datasets.validation import fluency_text
 from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.control_vectors import ControlVectorError, from_scans
-from safesteer.methods.scans.directions import choose_steering, projection_cap, reply_logprobs
+from safesteer.methods.scans.directions import (
+    choose_steering,
+    projection_cap,
+    reply_logprobs,
+    sweep_pairs,
+)
 from safesteer.methods.scans.fit import fit_scans
 from safesteer.methods.scans.generate import scans_generate, scans_generate_two_pass
 from safesteer.methods.scans.settings import ScansSettings, default_settings
@@ -186,6 +191,18 @@ def test_choose_steering_applies_the_text_budget() -> None:
     assert best is weak and toward == 0.05
     with pytest.raises(ValueError, match="fluency budget"):
         choose_steering([additive], 0.10)
+
+
+def test_sweep_pairs_rank_fluent_pairs_first_on_both_fluency_measures() -> None:
+    # Qwen-1.5B's screen: early windows kept plain answers fluent but broke the reference text;
+    # they must not crowd out the stronger windows, which may be fluent at a lower alpha.
+    early = _row("add", 0.4, 1.07, 1.45)
+    strong = _row("add", 2.26, 1.44, 1.88)
+    stronger = _row("add", 2.30, 1.40, 1.95)
+    assert sweep_pairs([early, strong, stronger], 0.10) == [stronger, strong]
+    fluent = _row("add", 0.2, 1.05, 1.08)
+    assert sweep_pairs([early, strong, fluent, stronger], 0.10) == [fluent, stronger]
+    assert sweep_pairs([early, strong, fluent], 0.10, count=1) == [fluent]
 
 
 def test_fluency_text_is_mmlu_dev_only(shared_data: Path) -> None:

@@ -13,7 +13,9 @@ rerun continues where it stopped and a grown validation set computes only its ne
 4. screen: candidate directions (paper anchors, style-matched validation means, refusal vs
    compliance of the model's own replies) x layer windows x alpha, scored without decoding by how
    much steering away lowers the log-probability of the model's own refusals on over-refused safe
-   prompts, under a fluency budget (perplexity of its own answers to plain prompts).
+   prompts, under a fluency budget (perplexity of its own answers to plain prompts and of a
+   reference text); the two pairs that remove most refusal (fluent ones first) get the alpha and
+   cap sweep.
 5. ``away`` / ``toward``: the chosen direction steered away from (and towards) refusal on the
    validation prompts whose outcome some threshold in the searched range reads, judged.
 6. choose the policy (signed, away-only, or banded: towards refusal only above a second threshold)
@@ -54,10 +56,12 @@ from safesteer.methods.scans.calibration_cache import (
 from safesteer.methods.scans.calibration_config import SCREEN_OPTIONS, CalibrationConfig
 from safesteer.methods.scans.decide import unsteered
 from safesteer.methods.scans.directions import (
+    SWEEP_RULE,
     candidate_directions,
     choose_steering,
     projection_cap,
     reply_logprobs,
+    sweep_pairs,
     windows,
 )
 from safesteer.methods.scans.fit import fit_scans
@@ -319,16 +323,8 @@ class Calibrator:
         spans = windows(self.lm.num_layers, cfg.window, cfg.window_stride)
         self.say(f"screening {len(directions) * len(spans)} (direction, window) pairs")
         first = [measure(n, w, middle) for n in directions for w in spans]
-        ranked = sorted(
-            first,
-            key=lambda r: (
-                r["plain_ppl_ratio"] <= 1.0 + cfg.fluency_budget,
-                r["refusal_logprob_drop"],
-            ),
-            reverse=True,
-        )
         self.say("sweeping alpha and the clamp caps for the two best pairs")
-        for row in ranked[:2]:
+        for row in sweep_pairs(first, cfg.fluency_budget):
             pair = (row["direction"], tuple(row["layers"]))
             for alpha in cfg.alphas:
                 if alpha != middle:
@@ -386,9 +382,11 @@ class Calibrator:
         directions = candidate_directions(base.vectors, last, self.labels, refused)
         screen_key = self._screen_key(base, directions, default_replies, last)
         measured = EntryCache(self.out / "screen-partial.json", screen_key)
+        # The whole screen is cached under the rule that picks the swept pairs as well (its
+        # measurements, in screen-partial.json, do not depend on it and are kept).
         screen = cached_json(
             self.out / "screen.json",
-            screen_key,
+            f"{screen_key}:{SWEEP_RULE}",
             lambda: self.screen(base, directions, default_replies, refused, last, measured),
         )
         best, toward_alpha = choose_steering(screen, cfg.fluency_budget)

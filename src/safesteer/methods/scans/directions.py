@@ -132,6 +132,32 @@ def projection_cap(states: torch.Tensor, direction: torch.Tensor, quantile: floa
     return float(torch.quantile(states.float() @ unit, quantile))
 
 
+# names the rule of :func:`sweep_pairs`, so a cached screen made under another rule is redone
+SWEEP_RULE = "fluent-plain-and-text"
+
+
+def is_fluent(row: dict[str, Any], budget: float) -> bool:
+    """Whether a screened candidate's plain answers and reference text both stay within the
+    fluency budget (relative perplexity rise)."""
+    limit = 1.0 + budget
+    return bool(row["plain_ppl_ratio"] <= limit and row.get("text_ppl_ratio", 1.0) <= limit)
+
+
+def sweep_pairs(first: list[dict[str, Any]], budget: float, count: int = 2) -> list[dict[str, Any]]:
+    """The screened (direction, window) rows whose alphas and caps are swept: fluent ones first,
+    by refusal drop, then the rest by refusal drop.
+
+    Fluent means what :func:`choose_steering` requires (plain answers *and* reference text). A
+    ranking on plain answers alone picked weak early-layer windows on Qwen-1.5B: they kept plain
+    answers fluent at the screen's alpha but broke the reference text, so the stronger middle
+    windows were never tried at the lower alphas that keep both fluent.
+    """
+    ranked = sorted(
+        first, key=lambda r: (is_fluent(r, budget), r["refusal_logprob_drop"]), reverse=True
+    )
+    return ranked[:count]
+
+
 def choose_steering(screen: list[dict[str, Any]], budget: float) -> tuple[dict[str, Any], float]:
     """The screened candidate with the largest refusal drop whose plain answers *and* reference
     text stay within the fluency budget, and the alpha for steering towards refusal.
@@ -141,9 +167,7 @@ def choose_steering(screen: list[dict[str, Any]], budget: float) -> tuple[dict[s
     (those rows should refuse, so reference-text fluency does not bind them).
     """
     limit = 1.0 + budget
-    fluent = [
-        r for r in screen if r["plain_ppl_ratio"] <= limit and r.get("text_ppl_ratio", 1.0) <= limit
-    ]
+    fluent = [r for r in screen if is_fluent(r, budget)]
     if not fluent:
         raise ValueError(
             "no screened candidate keeps plain-answer and reference-text perplexity within the "
