@@ -372,6 +372,8 @@ def test_recipe_selection() -> None:
     assert calibrated_for(qwen) == CALIBRATED_DIR / "qwen2.5-coder-0.5b"
     assert (CALIBRATED_DIR / "qwen2.5-coder-0.5b" / "manifest.json").is_file()
     assert calibrated_for(RunOptions(model="qwen-0.5b", recipe="calibrated")) is not None
+    bigger = RunOptions(model="qwen2.5-coder-1.5b")
+    assert calibrated_for(bigger) == CALIBRATED_DIR / "qwen2.5-coder-1.5b"
     assert calibrated_for(RunOptions(model="qwen2.5-coder-0.5b", recipe="paper")) is None
     assert calibrated_for(RunOptions(model="qwen2.5-coder-0.5b", seed=3)) is None
     assert calibrated_for(RunOptions()) is None  # embedded model: nothing shipped, paper recipe
@@ -383,13 +385,14 @@ def test_recipe_selection() -> None:
         calibrated_for(RunOptions(recipe="best"))
 
 
+@pytest.mark.parametrize("model", ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
 def test_shipped_artifact_is_calibrated_and_refuses_another_model(
-    tiny_models: dict[str, LoadedModel],
+    model: str, tiny_models: dict[str, LoadedModel]
 ) -> None:
     from safesteer.methods.artifacts import ArtifactError
     from safesteer.methods.scans.calibrated import CALIBRATED_DIR
 
-    folder = CALIBRATED_DIR / "qwen2.5-coder-0.5b"
+    folder = CALIBRATED_DIR / model
     artifact = ScansArtifact.load(folder)
     s = artifact.settings
     assert (s.recipe, s.gate, s.alpha_mode) == ("calibrated", "probe", "relative")

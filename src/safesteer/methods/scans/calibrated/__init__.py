@@ -3,9 +3,11 @@
 Each sub-folder is named after a model source and holds ``manifest.json`` + ``tensors.safetensors``;
 the manifest's fingerprint is checked against the model on load.
 
-``qwen2.5-coder-0.5b`` is the second calibration (issue 10: RepE-Data harmless instructions in the
-validation set, banded policy, plain-prompt budget; report in docs/results/qwen05-calibration/) and
-carries a version-2 fingerprint (exact row hashes). A version-1 fingerprint (config, chat-template
+``qwen2.5-coder-0.5b`` is calibration v4 (issue 10; report in
+docs/results/qwen05-calibration-v4/). ``qwen2.5-coder-1.5b`` is its first calibration with the
+fixed sweep ranking (report in docs/results/qwen15/calibration/). Both were committed before any
+of their test runs was read, and carry version-2 fingerprints (exact row hashes).
+A version-1 fingerprint (config, chat-template
 hash and weight checksums with a 2 % tolerance) still loads, with a warning.
 """
 
