@@ -190,3 +190,12 @@ def test_safeswitch_overhead_times_a_named_model_and_writes_its_own_result(
     assert result["settings"]["model"] == str(folder)
     assert result["settings"]["artifact"].startswith("timing artifact")
     assert [row[0] for row in result["tables"][0]["rows"]] == ["plain", "unflagged", "half flagged"]
+
+
+def test_cpu_dtype_first_difference() -> None:
+    from benchmarks.cpu_dtype import first_difference
+
+    assert first_difference([1, 2, 3], [1, 2, 3]) == 3
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3, 4]) == 2  # a prefix differs where it ends
+    assert first_difference([], [7]) == 0
