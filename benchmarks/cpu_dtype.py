@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     name = args.out.with_name(args.out.name.replace("cpu_dtype", f"cpu_dtype.{args.model}"))
     name.write_text(json.dumps(report, indent=2) + "\n")
+    speed = report["tokens_per_s_batch16"]
     print(
-        f"{args.model}: batch-16 tokens/s float32 {summary(rates['float32'])['median']:.1f}, "
-        f"bfloat16 {summary(rates['bfloat16'])['median']:.1f} "
-        f"(x{summary(ratio)['median']:.2f}); identical replies "
+        f"{args.model}: batch-16 tokens/s float32 {speed['float32']['median']:.1f}, "
+        f"bfloat16 {speed['bfloat16']['median']:.1f} "
+        f"(x{report['bf16_speedup']['median']:.2f}); identical replies "
         f"{agreement['identical_replies']:.0%} (the others first differ at token "
         f"{agreement['first_difference_when_different']['median']:.0f}, median), "
         f"same strict verdict "
