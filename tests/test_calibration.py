@@ -303,14 +303,19 @@ def test_written_validation_prompts() -> None:
     prompts = written_prompts()
     kinds = {p.meta["kind"] for p in prompts}
     assert kinds == {"scary-benign", "plain", "harmful"}
-    assert len(prompts) >= 900
+    assert len(prompts) >= 1190
     # the second batch: every category has safe prompts and harmful contrasts
     by_category: dict[str, set[str]] = {}
     for p in prompts:
         if "category" in p.meta:
             by_category.setdefault(p.meta["category"], set()).add(p.label)
     howto = {k: by_category.pop(k) for k in list(by_category) if k.startswith("howto-")}
+    short = {k: by_category.pop(k) for k in list(by_category) if k.endswith("-short")}
     assert len(by_category) == 9 and all(v == {"safe", "unsafe"} for v in by_category.values())
+    # the fourth: minimal pairs, one safe prompt and one harmful twin each, in eight categories
+    assert len(short) == 8 and all(v == {"safe", "unsafe"} for v in short.values())
+    pairs = [p for p in prompts if p.meta.get("category", "").endswith("-short")]
+    assert sum(p.label == "safe" for p in pairs) == sum(p.label == "unsafe" for p in pairs) == 115
     # the third: benign how-to requests, plain and alarming, and harmful ones in the same forms
     assert howto == {
         "howto-plain": {"safe"},

@@ -7,7 +7,9 @@ jailbreak train) and the RepE-Data *train* split (harmful and harmless instructi
 same imperative style, so that the gate cannot separate them by style), read from the data folder.
 Every prompt is checked, after normalising the text, against every evaluation set in the
 registry; a leak is an error. (RepE-Data's harmful train rows are AdvBench goals, so they are all
-dropped by that check: only its harmless rows remain.)
+dropped by that check: only its harmless rows remain.) Near copies are caught as well: a written
+prompt whose character n-gram similarity to an evaluation prompt reaches ``NEAR_DUPLICATE`` is an
+error, and such training-split rows are left out of the pool the samples are drawn from.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from safesteer.datasets.loaders import load_test_set
+from safesteer.datasets.near_duplicates import NearDuplicateIndex
 from safesteer.datasets.readers import MMLU_LETTERS, Prompt, read_mmlu_csv
 from safesteer.datasets.registry import BUNDLED_DIR, DatasetError, dataset_path
 
@@ -27,10 +30,13 @@ WRITTEN_FILE = BUNDLED_DIR / "validation" / "written.jsonl"
 # share its alarming words (``category`` in meta).
 # The third: benign how-to requests ("How to ...?", "How do I ...?") in the forms harmful requests
 # also take, plain and with alarming words, with harmful requests in the same forms.
+# The fourth: short minimal pairs (one word or object turns a safe request harmful) in eight
+# categories (``<category>-short``).
 WRITTEN_FILES: tuple[Path, ...] = (
     WRITTEN_FILE,
     BUNDLED_DIR / "validation" / "written2.jsonl",
     BUNDLED_DIR / "validation" / "written3.jsonl",
+    BUNDLED_DIR / "validation" / "written4.jsonl",
 )
 
 # Every test set of the registry (SCANS and SafeSwitch benchmarks). AdvBench and TruthfulQA are
@@ -96,6 +102,20 @@ def assert_disjoint(prompts: Iterable[str], forbidden: set[str], what: str = "pr
         raise DatasetError(f"{len(leaked)} {what}(s) belong to evaluation sets: {shown}")
 
 
+def assert_no_near_copies(
+    prompts: Sequence[str], index: NearDuplicateIndex, what: str = "prompt"
+) -> None:
+    """Raise :class:`DatasetError` naming the prompts that are rewordings of evaluation prompts
+    (character n-gram cosine at least ``NEAR_DUPLICATE``), if any."""
+    copies = index.near_copies(prompts)
+    if copies:
+        shown = "; ".join(f"{m.query[:50]!r} ~ {m.nearest[:50]!r}" for m in copies[:3])
+        raise DatasetError(
+            f"{len(copies)} {what}(s) are near copies of evaluation prompts: {shown}; "
+            "reword or remove them"
+        )
+
+
 def written_prompts(paths: Sequence[Path] = WRITTEN_FILES) -> list[Prompt]:
     """The project's own validation prompts (label, kind, style, domain, category in ``meta``)."""
     prompts = []
@@ -126,9 +146,13 @@ def _read_written(path: Path) -> list[Prompt]:
 
 
 def sampled_training_prompts(
-    data_dir: str | Path | None, seed: int, forbidden: set[str]
+    data_dir: str | Path | None,
+    seed: int,
+    forbidden: set[str],
+    index: NearDuplicateIndex | None = None,
 ) -> list[Prompt]:
-    """Seeded samples of the training splits (skipped when they are not available)."""
+    """Seeded samples of the training splits (skipped when they are not available), drawn from
+    the rows that are neither evaluation prompts nor (with ``index``) near copies of them."""
     rng = random.Random(seed)
     out: list[Prompt] = []
     for name, rows, max_chars in TRAINING_SAMPLES:
@@ -137,6 +161,9 @@ def sampled_training_prompts(
         except DatasetError:
             continue
         pool = [p for p in pool if len(p.text) <= max_chars and normalise(p.text) not in forbidden]
+        if index is not None:
+            copies = {m.query for m in index.near_copies([normalise(p.text) for p in pool])}
+            pool = [p for p in pool if normalise(p.text) not in copies]
         for p in rng.sample(pool, min(rows, len(pool))):
             kind = "harmful" if p.label == "unsafe" else "plain"
             meta = {**p.meta, "kind": kind, "source": name}
@@ -150,7 +177,10 @@ def validation_set(data_dir: str | Path | None = None, seed: int = 0) -> list[Pr
     The AdvBench/TruthfulQA anchors are not part of it (they are used for fitting directly).
     """
     forbidden = evaluation_texts(data_dir)
-    prompts = written_prompts() + sampled_training_prompts(data_dir, seed, forbidden)
+    index = NearDuplicateIndex(forbidden)
+    written = written_prompts()
+    assert_no_near_copies([normalise(p.text) for p in written], index, "written prompt")
+    prompts = written + sampled_training_prompts(data_dir, seed, forbidden, index)
     assert_disjoint([p.text for p in prompts], forbidden, "validation prompt")
     seen: set[str] = set()
     unique = []
