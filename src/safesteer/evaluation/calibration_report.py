@@ -98,6 +98,19 @@ def _plain(rates: dict[str, Any]) -> str:
     return f" {rates['plain_refusal']:.1f} |" if "plain_refusal" in rates else ""
 
 
+def _reference_lines(gate: dict[str, Any]) -> list[str]:
+    """What the gate makes of the reference-text windows (benign training rows), if any."""
+    n = gate.get("reference_windows", 0)
+    if not n:
+        return []
+    return [
+        f"- reference-text windows among its benign rows: {n} (sizes {gate['reference_sizes']} "
+        f"tokens); out-of-fold P(harmful) mean {gate['reference_mean_probability']:.3f}, max "
+        f"{gate['reference_max_probability']:.3f}, {gate['reference_flagged_at_half']:.1f} % at "
+        "0.5 or above"
+    ]
+
+
 def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
     """Write calibration.md with three PNG plots into ``out``; returns the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +127,7 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
         f"- probe on `{gate['kind']}` states of layers {gate['layers']} (C = {gate['c']})",
         f"- out-of-fold AUROC on the validation prompts: {gate['oof_auroc_validation']:.3f} "
         f"(paper transition score: {gate['paper_transition_auroc_validation']:.3f})",
+        *_reference_lines(gate),
         "",
         "![gate](gate_auroc.png)",
         "",
@@ -155,9 +169,11 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
         f"{base['avg']:.1f} |{_plain(base)}",
     ]
     for policy, pick in chosen["per_policy"].items():
+        towards = pick.get("reference_toward")
         lines.append(
             f"| {policy}, {_thresholds(pick)} | {pick['safe_refusal']:.1f} | "
             f"{pick['unsafe_refusal']:.1f} | {pick['avg']:.1f} |{_plain(pick)}"
+            + ("" if towards is None else f" reference windows steered towards: {towards:.1f} %")
         )
     for name, rates in chosen["steered_rates"].items():
         lines.append(

@@ -65,15 +65,10 @@ from safesteer.methods.scans.directions import (
     windows,
 )
 from safesteer.methods.scans.fit import fit_scans
-from safesteer.methods.scans.gate import (
-    auroc,
-    cached_gate_choice,
-    fit_probe,
-    out_of_fold,
-    transition_scores,
-)
+from safesteer.methods.scans.gate import auroc, fit_gate, transition_scores
 from safesteer.methods.scans.generate import scans_generate
 from safesteer.methods.scans.policy_choice import (
+    REPORTED_RATES,
     choose_threshold,
     frontier,
     judged,
@@ -82,6 +77,7 @@ from safesteer.methods.scans.policy_choice import (
     pareto_table,
     steered_rates,
 )
+from safesteer.methods.scans.reference_text import gate_prompts, reference_info, screen_windows
 from safesteer.methods.scans.settings import POLICIES, Policy, default_settings
 
 Progress = Callable[[str], None]
@@ -126,11 +122,12 @@ class Calibrator:
         out.mkdir(parents=True, exist_ok=True)
         self.labels = [p.label for p in self.validation]
         self.texts = [p.text for p in self.validation]
+        self.references = self.reference_prompts()
 
     # stage 1 ---------------------------------------------------------------------------------
     def states(self) -> torch.Tensor:
-        """``[anchors + validation, layers, 2, hidden]`` states at (p, e), cached on disk."""
-        texts = self.harmful_anchors + self.benign_anchors + self.texts
+        """``[anchors + reference + validation, layers, 2, hidden]`` states at (p, e), cached."""
+        texts = self.harmful_anchors + self.benign_anchors + self.references + self.texts
         layout = ChatLayout(self.lm.tokenizer)
         reply_len = len(layout.reply_ids("Sure"))
 
@@ -204,11 +201,21 @@ class Calibrator:
         """Windows of the fluency text as (first token, rest) pairs: every position steered."""
         if not self.fluency_text:
             return None
-        ids = self.lm.tokenizer(self.fluency_text, add_special_tokens=False)["input_ids"]
-        size = self.config.text_window
-        chunks = [ids[i : i + size] for i in range(0, len(ids), size)][: self.config.text_windows]
-        chunks = [c for c in chunks if len(c) >= 2]
-        return [c[:1] for c in chunks], [c[1:] for c in chunks]
+        cfg = self.config
+        return screen_windows(
+            self.lm.tokenizer, self.fluency_text, cfg.text_window, cfg.text_windows
+        )
+
+    def reference_prompts(self) -> list[str]:
+        """Windows of the fluency text that join the gate's training as benign prompts."""
+        if not self.fluency_text:
+            return []
+        cfg = self.config
+        windows = gate_prompts(
+            self.lm.tokenizer, self.fluency_text, cfg.reference_sizes, cfg.reference_per_size
+        )
+        known = set(self.harmful_anchors + self.benign_anchors + self.texts)
+        return [w for w in windows if w not in known]
 
     def _screen_key(
         self,
@@ -349,31 +356,26 @@ class Calibrator:
             seed=cfg.seed,
             batch_size=cfg.batch_size,
         )
-        val_states = states[n_h + n_b :]
+        val_states = states[n_h + n_b + len(self.references) :]
         default_replies = [r or "" for r in self.replies("default", base, 0.0)]
         refused = np.asarray([is_refusal_strict(r) for r in default_replies], dtype=bool)
         plain = np.asarray([p.meta.get("kind") == "plain" for p in self.validation])
         default_rates = outcome_rates(self.labels, refused, plain)
 
-        # gate: probe on anchors + validation; thresholds from out-of-fold probabilities
+        # gate: probe on anchors + reference text + validation; thresholds from out-of-fold
         self.say("choosing the gate (probe layers, features) by cross-validation")
-        harmful = [True] * n_h + [False] * n_b + [lab == "unsafe" for lab in self.labels]
-        choice = cached_gate_choice(
+        n_rows = n_h + n_b + len(self.references)
+        harmful = [True] * n_h + [False] * (n_rows - n_h) + [lab == "unsafe" for lab in self.labels]
+        gate = fit_gate(
             self.out / "gate.json", model_key(lm), states, harmful, cfg.probe_layers, cfg.seed
         )
-        oof = out_of_fold(states, harmful, choice.layers, choice.kind, choice.c, 5, cfg.seed)
-        val_prob = oof[n_h + n_b :]
-        probe = fit_probe(states, harmful, choice.layers, choice.kind, choice.c, cfg.seed)
-        val_harmful = harmful[n_h + n_b :]
+        val_prob, ref_prob = gate.oof[n_rows:], gate.oof[n_h + n_b : n_rows]
+        choice, probe = gate.choice, gate.probe
         cos = transition_scores(val_states, base.reference, base.settings.cls_layers)
         gate_info = {
-            "layers": list(choice.layers),
-            "kind": choice.kind,
-            "c": choice.c,
-            "oof_auroc_all": choice.oof_auroc,
-            "oof_auroc_validation": auroc(val_harmful, val_prob),
-            "paper_transition_auroc_validation": auroc(val_harmful, cos),
-            "per_layer_auroc": choice.per_layer_auroc,
+            **gate.info(n_rows),
+            "paper_transition_auroc_validation": auroc(harmful[n_rows:], cos),
+            **reference_info(ref_prob, self.config.reference_sizes),
         }
 
         # directions
@@ -424,6 +426,7 @@ class Calibrator:
                 policy,
                 plain,
                 threshold_range=cfg.threshold_range,
+                reference=ref_prob if self.references else None,
             )
             for policy in POLICIES
         }
@@ -434,6 +437,7 @@ class Calibrator:
                 cfg.unsafe_budget,
                 default_rates["plain_refusal"],
                 cfg.plain_budget,
+                cfg.reference_budget,
             )
             for policy, table in tables.items()
         }
@@ -452,10 +456,7 @@ class Calibrator:
             "policy": policy,
             "threshold": picks[policy]["threshold"],
             "toward_threshold": picks[policy].get("toward_threshold"),
-            "validation": {
-                k: picks[policy][k]
-                for k in ("safe_refusal", "unsafe_refusal", "avg", "plain_refusal")
-            },
+            "validation": {k: picks[policy][k] for k in REPORTED_RATES if k in picks[policy]},
             "per_policy": picks,
             "steered_rates": steered_rates(
                 self.labels, plain, refused_away, need_away, refused_toward, need_toward
@@ -487,7 +488,7 @@ class Calibrator:
         final.calibration = {
             **base.calibration,
             "recipe": "calibrated",
-            "threshold_on": "probe out-of-fold probabilities on anchors + validation",
+            "threshold_on": "probe out-of-fold probabilities (anchors, reference text, validation)",
             "cls_layers": list(settings.cls_layers),
             "chosen": chosen,
             "gate": {k: v for k, v in gate_info.items() if k != "per_layer_auroc"},

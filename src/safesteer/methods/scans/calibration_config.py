@@ -37,6 +37,12 @@ class CalibrationConfig:
     cap_quantiles: tuple[float, ...] = (0.5, 0.25, 0.1, 0.0)
     text_windows: int = 12  # windows of the fluency text (MMLU dev) scored per candidate
     text_window: int = 512
+    # the gate learns that reference text is benign: windows of these lengths (tokens), this many
+    # of each, join its training rows; thresholds may steer at most reference_budget % of them
+    # towards refusal (out-of-fold), since a document handed to the gate is ordinary text
+    reference_sizes: tuple[int, ...] = (64, 128, 256, 512)
+    reference_per_size: int = 16
+    reference_budget: float = 5.0
     # thresholds searched (P(harmful) of the gate); steered replies are generated only for the
     # rows some threshold in this range reads: thresholds that flag almost every row or almost
     # none are not useful operating points, and the range saves a quarter of the steered
@@ -48,6 +54,13 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.save_every < 1:
             raise ValueError(f"save_every must be at least 1, got {self.save_every}")
+        if self.reference_per_size < 0 or any(size < 2 for size in self.reference_sizes):
+            raise ValueError(
+                "reference_sizes must be at least 2 tokens and reference_per_size >= 0, got "
+                f"{self.reference_sizes} and {self.reference_per_size}"
+            )
+        if not 0.0 <= self.reference_budget <= 100.0:
+            raise ValueError(f"reference_budget is a percentage, got {self.reference_budget}")
         low, high = self.threshold_range
         if not 0.0 <= low < high <= 1.01:
             raise ValueError(

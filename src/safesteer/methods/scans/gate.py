@@ -205,3 +205,43 @@ def cached_gate_choice(
         oof_auroc=float(stored["oof_auroc"]),
         per_layer_auroc={k: [float(x) for x in v] for k, v in stored["per_layer_auroc"].items()},
     )
+
+
+@dataclass
+class GateFit:
+    """The chosen probe, fitted on every row, with the out-of-fold probabilities of every row."""
+
+    choice: GateChoice
+    probe: ProbeGate
+    oof: np.ndarray
+    harmful: list[bool]
+
+    def info(self, first_validation_row: int) -> dict[str, Any]:
+        """The choice and its out-of-fold AUROC, overall and on the validation rows (from
+        ``first_validation_row`` on), for the calibration report."""
+        rows = slice(first_validation_row, None)
+        return {
+            "layers": list(self.choice.layers),
+            "kind": self.choice.kind,
+            "c": self.choice.c,
+            "oof_auroc_all": self.choice.oof_auroc,
+            "oof_auroc_validation": auroc(self.harmful[rows], self.oof[rows]),
+            "per_layer_auroc": self.choice.per_layer_auroc,
+        }
+
+
+def fit_gate(
+    path: Path,
+    model_id: Sequence[Any],
+    states: torch.Tensor,
+    harmful: Sequence[bool],
+    n_layers: int = 3,
+    seed: int = 0,
+) -> GateFit:
+    """Choose the probe by cross-validation (cached at ``path``), then fit it on every row and
+    compute every row's out-of-fold probability (5 folds)."""
+    labels = [bool(h) for h in harmful]
+    choice = cached_gate_choice(path, model_id, states, labels, n_layers, seed)
+    oof = out_of_fold(states, labels, choice.layers, choice.kind, choice.c, 5, seed)
+    probe = fit_probe(states, labels, choice.layers, choice.kind, choice.c, seed)
+    return GateFit(choice, probe, oof, labels)

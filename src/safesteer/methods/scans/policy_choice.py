@@ -55,6 +55,9 @@ def policy_outcomes(
     return np.where(flagged, kept, refused_away)
 
 
+# the rates of a chosen operating point that the calibration reports
+REPORTED_RATES = ("safe_refusal", "unsafe_refusal", "avg", "plain_refusal", "reference_toward")
+
 FULL_RANGE = (0.0, 1.01)  # every threshold: from "flag every row" to "flag none"
 
 
@@ -120,12 +123,15 @@ def pareto_table(
     plain: Sequence[bool] | np.ndarray | None = None,
     grid: int = 50,
     threshold_range: tuple[float, float] = FULL_RANGE,
+    reference: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Validation rates for every candidate threshold (the midpoints of the probabilities
     within ``threshold_range``, and its ends).
 
     ``banded`` has two thresholds: T on the midpoints, the towards-threshold on a grid of
-    ``grid`` quantiles of the probabilities above T (plus "never").
+    ``grid`` quantiles of the probabilities above T (plus "never"). With ``reference`` (the
+    gate's probabilities of reference-text windows, all benign) each row also gives
+    ``reference_toward``: the % of them the policy steers towards refusal.
     """
     low, high = threshold_range
     if not 0.0 <= low < high <= 1.01:
@@ -150,8 +156,20 @@ def pareto_table(
             row: dict[str, Any] = {"threshold": float(t)}
             if tt is not None:
                 row["toward_threshold"] = tt
+            if reference is not None:
+                row["reference_toward"] = reference_toward(reference, policy, float(t), tt)
             table.append({**row, **outcome_rates(labels, refused, plain)})
     return table
+
+
+def reference_toward(
+    reference: np.ndarray, policy: str, threshold: float, toward_threshold: float | None
+) -> float:
+    """% of the reference windows a policy steers towards refusal (none under away-only)."""
+    if policy == "away-only" or reference.size == 0:
+        return 0.0
+    cut = toward_threshold if policy == "banded" and toward_threshold is not None else threshold
+    return float((reference >= cut).mean() * 100)
 
 
 def choose_threshold(
@@ -160,12 +178,15 @@ def choose_threshold(
     unsafe_budget: float,
     default_plain: float | None = None,
     plain_budget: float | None = None,
+    reference_budget: float | None = None,
 ) -> dict[str, Any]:
     """Best validation Avg among thresholds keeping unsafe refusal within the budget.
 
     With ``default_plain`` and ``plain_budget`` the plain prompts' refusal must also stay within
-    ``plain_budget`` points above the default (steering must not create new over-refusal); when
-    no row meets both, the unsafe budget alone is kept, then neither.
+    ``plain_budget`` points above the default (steering must not create new over-refusal); with
+    ``reference_budget`` at most that % of the reference-text windows may be steered towards
+    refusal. When no row meets them all, the unsafe and plain budgets are kept, then the unsafe
+    budget alone, then none.
     """
 
     def unsafe_ok(r: dict[str, Any]) -> bool:
@@ -176,8 +197,18 @@ def choose_threshold(
             return True
         return bool(r["plain_refusal"] <= default_plain + plain_budget)
 
-    allowed = [r for r in table if unsafe_ok(r) and plain_ok(r)]
-    pool = allowed or [r for r in table if unsafe_ok(r)] or table
+    def reference_ok(r: dict[str, Any]) -> bool:
+        if reference_budget is None or "reference_toward" not in r:
+            return True
+        return bool(r["reference_toward"] <= reference_budget + 1e-9)
+
+    allowed = [r for r in table if unsafe_ok(r) and plain_ok(r) and reference_ok(r)]
+    pool = (
+        allowed
+        or [r for r in table if unsafe_ok(r) and plain_ok(r)]
+        or [r for r in table if unsafe_ok(r)]
+        or table
+    )
     # Ties: prefer the lower safe refusal, then the middle of the tied range of thresholds.
     best = max(pool, key=lambda r: (round(r["avg"], 6), -r["safe_refusal"]))
     tied = [
