@@ -65,7 +65,7 @@ from safesteer.methods.scans.directions import (
     windows,
 )
 from safesteer.methods.scans.fit import fit_scans
-from safesteer.methods.scans.gate import auroc, fit_gate, transition_scores
+from safesteer.methods.scans.gate import auroc, cached_gate_choice, fit_gate, transition_scores
 from safesteer.methods.scans.generate import scans_generate
 from safesteer.methods.scans.policy_choice import (
     REPORTED_RATES,
@@ -366,11 +366,11 @@ class Calibrator:
         self.say("choosing the gate (probe layers, features) by cross-validation")
         n_rows = n_h + n_b + len(self.references)
         harmful = [True] * n_h + [False] * (n_rows - n_h) + [lab == "unsafe" for lab in self.labels]
-        gate = fit_gate(
+        choice = cached_gate_choice(
             self.out / "gate.json", model_key(lm), states, harmful, cfg.probe_layers, cfg.seed
         )
+        gate = fit_gate(choice, states, harmful, cfg.seed)
         val_prob, ref_prob = gate.oof[n_rows:], gate.oof[n_h + n_b : n_rows]
-        choice, probe = gate.choice, gate.probe
         cos = transition_scores(val_states, base.reference, base.settings.cls_layers)
         gate_info = {
             **gate.info(n_rows),
@@ -410,7 +410,7 @@ class Calibrator:
             threshold=0.5,
             away_mode=best["away_mode"],
         )
-        candidate = replace(base, vectors=direction, settings=settings, probe=probe, caps=caps)
+        candidate = replace(base, vectors=direction, settings=settings, probe=gate.probe, caps=caps)
         # Only the replies some threshold in the searched range uses are generated.
         need_away, need_toward = needed_rows(val_prob, cfg.threshold_range)
         away = self.replies("away", candidate, -1.0, need_away)

@@ -231,17 +231,11 @@ class GateFit:
 
 
 def fit_gate(
-    path: Path,
-    model_id: Sequence[Any],
-    states: torch.Tensor,
-    harmful: Sequence[bool],
-    n_layers: int = 3,
-    seed: int = 0,
+    choice: GateChoice, states: torch.Tensor, harmful: Sequence[bool], seed: int = 0
 ) -> GateFit:
-    """Choose the probe by cross-validation (cached at ``path``), then fit it on every row and
-    compute every row's out-of-fold probability (5 folds)."""
+    """Fit the chosen probe on every row and compute every row's out-of-fold probability
+    (5 folds)."""
     labels = [bool(h) for h in harmful]
-    choice = cached_gate_choice(path, model_id, states, labels, n_layers, seed)
     oof = out_of_fold(states, labels, choice.layers, choice.kind, choice.c, 5, seed)
     probe = fit_probe(states, labels, choice.layers, choice.kind, choice.c, seed)
     return GateFit(choice, probe, oof, labels)
