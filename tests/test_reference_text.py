@@ -145,4 +145,9 @@ def test_calibration_report_names_the_reference_windows(tmp_path: Path) -> None:
     after = write_calibration_report(calibration, tmp_path / "after").read_text()
     assert "reference-text windows among its benign rows: 4 (sizes [64, 512] tokens)" in after
     assert "max 0.700, 25.0 % at 0.5 or above" in after
-    assert after.count("reference windows steered towards: 25.0 %") == 3
+    assert "| reference windows steered towards refusal % |" in after
+    policy_rows = [line for line in after.splitlines() if line.startswith("| signed, ")]
+    assert policy_rows and policy_rows[0].endswith(" 25.0 |")
+    # every row of the policy table has as many cells as its header
+    table = [line for line in after.splitlines() if line.startswith("| ")][-6:]
+    assert len({line.count("|") for line in table}) == 1

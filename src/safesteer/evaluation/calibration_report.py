@@ -118,6 +118,7 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
     _plot_screen(calibration["screen"], out / "screen.png")
     _plot_pareto(calibration, out / "pareto.png")
     gate, chosen, base = calibration["gate"], calibration["chosen"], calibration["default_rates"]
+    reference = any("reference_toward" in pick for pick in chosen["per_policy"].values())
     lines = [
         "# SCANS calibration",
         "",
@@ -163,22 +164,26 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
         "## Policy and threshold (validation)",
         "",
         "| | safe refusal % | unsafe refusal % | Avg |"
-        + (" plain-prompt refusal % |" if "plain_refusal" in base else ""),
-        "|---|---:|---:|---:|" + ("---:|" if "plain_refusal" in base else ""),
+        + (" plain-prompt refusal % |" if "plain_refusal" in base else "")
+        + (" reference windows steered towards refusal % |" if reference else ""),
+        "|---|---:|---:|---:|"
+        + ("---:|" if "plain_refusal" in base else "")
+        + ("---:|" if reference else ""),
         f"| default | {base['safe_refusal']:.1f} | {base['unsafe_refusal']:.1f} | "
-        f"{base['avg']:.1f} |{_plain(base)}",
+        f"{base['avg']:.1f} |{_plain(base)}" + (" 0.0 |" if reference else ""),
     ]
     for policy, pick in chosen["per_policy"].items():
         towards = pick.get("reference_toward")
         lines.append(
             f"| {policy}, {_thresholds(pick)} | {pick['safe_refusal']:.1f} | "
             f"{pick['unsafe_refusal']:.1f} | {pick['avg']:.1f} |{_plain(pick)}"
-            + ("" if towards is None else f" reference windows steered towards: {towards:.1f} %")
+            + ("" if not reference else " |" if towards is None else f" {towards:.1f} |")
         )
     for name, rates in chosen["steered_rates"].items():
         lines.append(
             f"| steering {name.replace('_', ' ')} | {rates['safe_refusal']:.1f} | "
             f"{rates['unsafe_refusal']:.1f} | {rates['avg']:.1f} |{_plain(rates)}"
+            + (" |" if reference else "")
         )
     lines += [
         "",
