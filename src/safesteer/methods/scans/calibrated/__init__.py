@@ -5,11 +5,11 @@ the manifest's fingerprint is checked against the model on load.
 
 ``qwen2.5-coder-0.5b`` is calibration v6 (issue 10; report in
 docs/results/qwen05-calibration-v6/): the reviewed validation set (datasets/bundled/validation/
-README.md), with reference-text windows among the gate's benign rows. ``qwen2.5-coder-1.5b`` is its calibration with the fixed
-sweep ranking (report in docs/results/qwen15/calibration/), made before that review. Each was
-committed before any steered test reply of it was read, and both carry version-2 fingerprints
-(exact row hashes). A version-1 fingerprint (config, chat-template hash and weight checksums with
-a 2 % tolerance) still loads, with a warning.
+README.md), with reference-text windows among the gate's benign rows. ``qwen2.5-coder-1.5b`` is
+its calibration with the fixed sweep ranking (report in docs/results/qwen15/calibration/), made
+before that review. Each was committed before any steered test reply of it was read, and both
+carry version-2 fingerprints (exact row hashes). A version-1 fingerprint (config, chat-template
+hash and weight checksums with a 2 % tolerance) still loads, with a warning.
 """
 
 from pathlib import Path
