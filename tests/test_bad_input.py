@@ -170,6 +170,11 @@ CASES: list[tuple[str, Args, str]] = [
         r"write two thresholds LOW,HIGH with 0 <= LOW < HIGH <= 1.01",
     ),
     (
+        "calibrate-reference-budget-above-100",
+        lambda e: ["calibrate", "--out", str(e.out), "--reference-budget", "120"],
+        r"--reference-budget",
+    ),
+    (
         "calibrate-alphas-text",
         lambda e: ["calibrate", "--out", str(e.out), "--alphas", "strong"],
         r"cannot read 'strong'",

@@ -59,6 +59,15 @@ def calibrate_command(
     plain_budget: Annotated[
         float, typer.Option(help="Largest rise of plain-prompt refusal allowed (points).")
     ] = 2.0,
+    reference_budget: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=100.0,
+            help="Largest share (%) of reference-text windows, benign rows of the gate, that a "
+            "threshold may steer towards refusal.",
+        ),
+    ] = 5.0,
     fluency_budget: Annotated[
         float,
         typer.Option(
@@ -105,6 +114,7 @@ def calibrate_command(
         alphas=_floats(alphas),
         unsafe_budget=unsafe_budget,
         plain_budget=plain_budget,
+        reference_budget=reference_budget,
         fluency_budget=fluency_budget,
         cap_quantiles=_quantiles(cap_quantiles),
         threshold_range=_threshold_range(threshold_range),
