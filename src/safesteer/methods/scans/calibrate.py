@@ -375,7 +375,7 @@ class Calibrator:
         gate_info = {
             **gate.info(n_rows),
             "paper_transition_auroc_validation": auroc(harmful[n_rows:], cos),
-            **reference_info(ref_prob, self.config.reference_sizes),
+            **reference_info(ref_prob, cfg.reference_sizes),
         }
 
         # directions

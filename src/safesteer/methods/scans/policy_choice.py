@@ -165,11 +165,13 @@ def pareto_table(
 def reference_toward(
     reference: np.ndarray, policy: str, threshold: float, toward_threshold: float | None
 ) -> float:
-    """% of the reference windows a policy steers towards refusal (none under away-only)."""
-    if policy == "away-only" or reference.size == 0:
+    """% of the reference windows a policy steers towards refusal (none under away-only): the
+    rows :func:`policy_outcomes` gives the towards outcome when only that outcome is a refusal."""
+    if reference.size == 0:
         return 0.0
-    cut = toward_threshold if policy == "banded" and toward_threshold is not None else threshold
-    return float((reference >= cut).mean() * 100)
+    none, every = np.zeros(reference.size, dtype=bool), np.ones(reference.size, dtype=bool)
+    towards = policy_outcomes(reference, threshold, none, none, every, policy, toward_threshold)
+    return float(towards.mean() * 100)
 
 
 def choose_threshold(
