@@ -65,9 +65,17 @@ def calibrate_command(
             min=0.0,
             max=100.0,
             help="Largest share (%) of reference-text windows, benign rows of the gate, that a "
-            "threshold may steer towards refusal.",
+            "threshold may steer towards refusal (and, with the refusal gate, away from it).",
         ),
     ] = 5.0,
+    refusal_gate: Annotated[
+        bool,
+        typer.Option(
+            "--refusal-gate/--no-refusal-gate",
+            help="Steer a row away from refusal only when a second probe says the model would "
+            "refuse it (its threshold leaves ordinary text, the reference windows, unsteered).",
+        ),
+    ] = True,
     fluency_budget: Annotated[
         float,
         typer.Option(
@@ -115,6 +123,7 @@ def calibrate_command(
         unsafe_budget=unsafe_budget,
         plain_budget=plain_budget,
         reference_budget=reference_budget,
+        refusal_gate=refusal_gate,
         fluency_budget=fluency_budget,
         cap_quantiles=_quantiles(cap_quantiles),
         threshold_range=_threshold_range(threshold_range),

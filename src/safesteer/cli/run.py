@@ -225,7 +225,13 @@ def generate(
         console.rule(prompt[:80])
         if decision is not None:
             verdict = (
-                "unsafe → steer towards refusal" if decision.sigma > 0 else "safe → steer away"
+                "unsafe → steer towards refusal"
+                if decision.sigma > 0
+                else (
+                    "safe → steer away"
+                    if decision.steer_away
+                    else "safe, would be answered → unsteered"
+                )
             )
             console.print(
                 f"[dim]score {decision.score:.4f}  sigma {decision.sigma:+d}  {verdict}[/dim]"

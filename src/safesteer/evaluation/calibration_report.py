@@ -111,6 +111,28 @@ def _reference_lines(gate: dict[str, Any]) -> list[str]:
     ]
 
 
+def _refusal_gate_lines(gate: dict[str, Any]) -> list[str]:
+    """The refusal gate (steer away only where the model would refuse), if the calibration has
+    one."""
+    refusal = gate.get("refusal_gate")
+    if not refusal:
+        return []
+    if "skipped" in refusal:
+        return [f"- no refusal gate ({refusal['skipped']}): every row below T is steered away"]
+    return [
+        f"- refusal gate: a second probe on the same states predicts P(the model refuses) "
+        f"(C = {refusal['c']}, out-of-fold AUROC {refusal['oof_auroc']:.3f} on the safe "
+        f"validation prompts and reference windows); rows below T are steered away only from "
+        f"P(refuse) {refusal['threshold']:.4g} up",
+        f"- it steers away {refusal['answered_reference_steered_away']:.1f} % of the reference "
+        f"windows the default model answers (budget {refusal['reference_budget']:g} %) and "
+        f"{refusal['reference_steered_away']:.1f} % of all of them (the default model refused "
+        f"{refusal['reference_refused_by_default']:.1f} %), "
+        f"{refusal['safe_validation_steered_away']:.1f} % of the safe validation prompts and "
+        f"{refusal['over_refused_steered_away']:.1f} % of the over-refused ones",
+    ]
+
+
 def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
     """Write calibration.md with three PNG plots into ``out``; returns the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +151,7 @@ def write_calibration_report(calibration: dict[str, Any], out: Path) -> Path:
         f"- out-of-fold AUROC on the validation prompts: {gate['oof_auroc_validation']:.3f} "
         f"(paper transition score: {gate['paper_transition_auroc_validation']:.3f})",
         *_reference_lines(gate),
+        *_refusal_gate_lines(gate),
         "",
         "![gate](gate_auroc.png)",
         "",

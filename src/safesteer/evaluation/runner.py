@@ -66,6 +66,7 @@ def _row(index: int, prompt: Prompt, result: ScansResult) -> dict[str, Any]:
         "subset": prompt.subset,
         "score": round(result.decision.score, 6),
         "sigma": result.decision.sigma,
+        "refusal_probability": result.decision.refusal_probability,
         "predicted": "unsafe" if result.decision.sigma > 0 else "safe",
         "response": result.response,
         # True / False, or "empty" for a degenerate response (neither refused nor answered)

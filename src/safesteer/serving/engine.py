@@ -301,6 +301,7 @@ class Engine:
                 "score": d.score,
                 "sigma": d.sigma,
                 "transition_score": d.transition_score,
+                "refusal_probability": d.refusal_probability,
                 "coefficient": float(seen["coefficients"][row]),
                 "alpha": alphas[row] if jobs[row].method == "scans" else 0.0,
                 "alpha_mode": base.settings.alpha_mode,

@@ -42,10 +42,18 @@ class ScansArtifact:
     probe: ProbeGate | None = None
     # [num_layers] projection caps on the unit vectors for away_mode "clamp" (NaN: no cap)
     caps: torch.Tensor | None = None
+    # P(the model refuses) on the probe's layers and features; rows below T are steered away only
+    # when it reaches settings.refusal_threshold (see refusal_gate.py)
+    refusal_probe: ProbeGate | None = None
 
     def __post_init__(self) -> None:
         if self.settings.gate == "probe" and self.probe is None:
             raise ArtifactError("a SCANS artifact with gate 'probe' needs its probe tensors")
+        if self.settings.refusal_threshold is not None and self.refusal_probe is None:
+            raise ArtifactError(
+                "a SCANS artifact with a refusal_threshold needs its refusal probe tensors "
+                "(refusal_probe_*); recalibrate with `safesteer calibrate`"
+            )
         if self.settings.away_mode == "clamp":
             layers = list(self.settings.steer_layers)
             if self.caps is None or not bool(torch.isfinite(self.caps[layers]).all()):
@@ -115,6 +123,8 @@ class ScansArtifact:
         }
         if self.probe is not None:
             tensors.update(self.probe.tensors())
+        if self.refusal_probe is not None:
+            tensors.update(self.refusal_probe.tensors("refusal_probe"))
         if self.caps is not None:
             tensors["caps"] = self.caps
         return save_artifact(directory, "scans", tensors, manifest)
@@ -131,9 +141,13 @@ class ScansArtifact:
         try:
             settings = ScansSettings.from_json(manifest["settings"])
             anchors, fingerprint = manifest["anchors"], manifest["model_fingerprint"]
-            probe = None
+            probe = refusal_probe = None
             if settings.gate == "probe":
                 probe = ProbeGate.from_tensors(tensors, settings.probe_layers, settings.probe_kind)
+            if settings.refusal_threshold is not None:
+                refusal_probe = ProbeGate.from_tensors(
+                    tensors, settings.probe_layers, settings.probe_kind, "refusal_probe"
+                )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(
                 f"{directory} has a malformed SCANS manifest (settings, anchors, model "
@@ -149,4 +163,5 @@ class ScansArtifact:
             calibration=manifest.get("calibration", {}),
             probe=probe,
             caps=tensors.get("caps"),
+            refusal_probe=refusal_probe,
         )

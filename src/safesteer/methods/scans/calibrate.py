@@ -69,16 +69,15 @@ from safesteer.methods.scans.gate import auroc, cached_gate_choice, fit_gate, tr
 from safesteer.methods.scans.generate import scans_generate
 from safesteer.methods.scans.policy_choice import (
     REPORTED_RATES,
-    choose_threshold,
-    frontier,
+    choose_policy,
     judged,
     needed_rows,
     outcome_rates,
-    pareto_table,
     steered_rates,
 )
 from safesteer.methods.scans.reference_text import gate_prompts, reference_info, screen_windows
-from safesteer.methods.scans.settings import POLICIES, Policy, default_settings
+from safesteer.methods.scans.refusal_gate import RefusalGateError, calibrate_refusal_gate
+from safesteer.methods.scans.settings import default_settings
 
 Progress = Callable[[str], None]
 
@@ -153,10 +152,12 @@ class Calibrator:
         artifact: ScansArtifact,
         coefficient: float,
         only: np.ndarray | None = None,
+        texts: Sequence[str] | None = None,
     ) -> list[str | None]:
         """Greedy replies to the validation prompts (those where the mask ``only`` is true; None
         for the others) with a fixed steering coefficient (cached per prompt under the model, the
-        steering and the reply length)."""
+        steering and the reply length; ``texts`` replaces the validation prompts)."""
+        pool = self.texts if texts is None else list(texts)
         s = artifact.settings
         steering: list[Any] = [coefficient, self.config.gen_tokens, s.system_prompt]
         if coefficient != 0:
@@ -184,7 +185,7 @@ class Calibrator:
             return [r.response for r in results]
 
         key = fingerprint(model_key(self.lm), "replies", *steering)
-        wanted = [t for i, t in enumerate(self.texts) if only is None or only[i]]
+        wanted = [t for i, t in enumerate(pool) if only is None or only[i]]
         done = cached_texts(
             self.out / f"replies-{name}.json",
             key,
@@ -194,7 +195,7 @@ class Calibrator:
             announce=lambda n: self.say(f"generating validation replies ({name}, {n} prompts)"),
         )
         found = dict(zip(wanted, done, strict=True))
-        return [found.get(t) for t in self.texts]
+        return [found.get(t) for t in pool]
 
     # stage 4 ---------------------------------------------------------------------------------
     def _text_ids(self) -> tuple[list[list[int]], list[list[int]]] | None:
@@ -377,6 +378,25 @@ class Calibrator:
             "paper_transition_auroc_validation": auroc(harmful[n_rows:], cos),
             **reference_info(ref_prob, cfg.reference_sizes),
         }
+        refusal_gate, steer_away = None, None
+        if cfg.refusal_gate:
+            self.say("fitting the refusal gate (would the model refuse?)")
+            ref_replies = self.replies("default", base, 0.0, texts=self.references)
+            try:
+                refusal_gate, steer_away, gate_info["refusal_gate"] = calibrate_refusal_gate(
+                    val_states,
+                    states[n_h + n_b : n_rows],
+                    self.labels,
+                    refused,
+                    np.asarray([is_refusal_strict(r or "") for r in ref_replies], dtype=bool),
+                    choice.layers,
+                    choice.kind,
+                    cfg.reference_budget,
+                    cfg.seed,
+                )
+            except RefusalGateError as exc:  # nothing to learn: every row is steered away
+                self.say(f"no refusal gate: {exc}")
+                gate_info["refusal_gate"] = {"skipped": str(exc)}
 
         # directions
         last = val_states[:, :, 0]
@@ -416,36 +436,16 @@ class Calibrator:
         away = self.replies("away", candidate, -1.0, need_away)
         toward = self.replies("toward", candidate, 1.0, need_toward)
         refused_away, refused_toward = judged(away, refused), judged(toward, refused)
-        tables = {
-            policy: pareto_table(
-                self.labels,
-                val_prob,
-                refused,
-                refused_away,
-                refused_toward,
-                policy,
-                plain,
-                threshold_range=cfg.threshold_range,
-                reference=ref_prob if self.references else None,
-            )
-            for policy in POLICIES
-        }
-        picks = {
-            policy: choose_threshold(
-                table,
-                default_rates["unsafe_refusal"],
-                cfg.unsafe_budget,
-                default_rates["plain_refusal"],
-                cfg.plain_budget,
-                cfg.reference_budget,
-            )
-            for policy, table in tables.items()
-        }
-        # Ties go to the simpler policy (POLICIES order: signed, away-only, banded).
-        policy: Policy = max(POLICIES, key=lambda p: (picks[p]["within_budget"], picks[p]["avg"]))
-        pareto: dict[str, list[dict[str, Any]]] = {
-            name: frontier(table) for name, table in tables.items()
-        }
+        policy, picks, pareto = choose_policy(
+            self.labels,
+            val_prob,
+            (refused, refused_away, refused_toward),
+            plain,
+            default_rates,
+            cfg,
+            reference=ref_prob if self.references else None,
+            steer_away=steer_away,
+        )
         chosen = {
             "direction": best["direction"],
             "layers": best["layers"],
@@ -469,7 +469,9 @@ class Calibrator:
                 policy=policy,
                 threshold=float(chosen["threshold"]),
                 toward_threshold=chosen["toward_threshold"],
+                refusal_threshold=None if refusal_gate is None else refusal_gate.threshold,
             ),
+            refusal_probe=None if refusal_gate is None else refusal_gate.probe,
         )
         calibration = Calibration(
             config=asdict(cfg),

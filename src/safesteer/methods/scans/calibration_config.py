@@ -43,6 +43,10 @@ class CalibrationConfig:
     reference_sizes: tuple[int, ...] = (64, 128, 256, 512)
     reference_per_size: int = 16
     reference_budget: float = 5.0
+    # the refusal gate: rows below T are steered away only when a second probe says the model
+    # would refuse them; its threshold steers at most reference_budget % of the reference windows
+    # away (refusal_gate.py)
+    refusal_gate: bool = True
     # thresholds searched (P(harmful) of the gate); steered replies are generated only for the
     # rows some threshold in this range reads: thresholds that flag almost every row or almost
     # none are not useful operating points, and the range saves a quarter of the steered

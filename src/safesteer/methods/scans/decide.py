@@ -23,6 +23,11 @@ class ScansDecision:
     sigma: int  # +1 unsafe, -1 safe
     layer_cosines: list[float]
     transition_score: float | None = None
+    # the refusal gate's P(the model refuses), when the artifact has one
+    refusal_probability: float | None = None
+    # whether a row judged safe is steered away (False: the refusal gate says the model would
+    # answer it anyway, so it is left unsteered)
+    steer_away: bool = True
 
 
 @dataclass
@@ -50,11 +55,21 @@ def _decisions(artifact: ScansArtifact, states: torch.Tensor) -> list[ScansDecis
         scores = artifact.probe.probability(states[:, probe_index])
     threshold = settings.threshold
     assert threshold is not None
+    refusal: list[float | None] = [None] * len(scores)
+    if artifact.refusal_probe is not None:
+        probe_index = [recorded.index(layer) for layer in artifact.refusal_probe.layers]
+        refusal = [float(p) for p in artifact.refusal_probe.probability(states[:, probe_index])]
+    bar = settings.refusal_threshold
     return [
         ScansDecision(
-            float(s), 1 if float(s) >= threshold else -1, [float(c) for c in row], float(t)
+            float(s),
+            1 if float(s) >= threshold else -1,
+            [float(c) for c in row],
+            float(t),
+            r,
+            bar is None or r is None or r >= bar,
         )
-        for s, row, t in zip(scores, cos, transition_scores, strict=True)
+        for s, row, t, r in zip(scores, cos, transition_scores, refusal, strict=True)
     ]
 
 
@@ -77,9 +92,16 @@ def classify(
 Coefficients = Callable[[list[ScansDecision]], torch.Tensor]
 
 
+def _away(decision: ScansDecision) -> float:
+    """A safe row's coefficient: -1 (away from refusal), or 0 where the refusal gate says the
+    model would answer anyway."""
+    return -1.0 if decision.steer_away else 0.0
+
+
 def signed(decisions: list[ScansDecision]) -> torch.Tensor:
-    """SCANS' per-row coefficient: sigma (+1 towards refusal, -1 away from it)."""
-    return torch.tensor([float(d.sigma) for d in decisions])
+    """SCANS' per-row coefficient: sigma (+1 towards refusal, -1 away from it; 0 for safe rows
+    the refusal gate leaves alone)."""
+    return torch.tensor([1.0 if d.sigma > 0 else _away(d) for d in decisions])
 
 
 def unsteered(decisions: list[ScansDecision]) -> torch.Tensor:
@@ -89,7 +111,7 @@ def unsteered(decisions: list[ScansDecision]) -> torch.Tensor:
 
 def away_only(decisions: list[ScansDecision]) -> torch.Tensor:
     """Steer rows judged safe away from refusal; leave flagged rows to the model (0)."""
-    return torch.tensor([-1.0 if d.sigma < 0 else 0.0 for d in decisions])
+    return torch.tensor([_away(d) if d.sigma < 0 else 0.0 for d in decisions])
 
 
 def banded(toward_threshold: float) -> Coefficients:
@@ -98,7 +120,7 @@ def banded(toward_threshold: float) -> Coefficients:
     def rule(decisions: list[ScansDecision]) -> torch.Tensor:
         return torch.tensor(
             [
-                -1.0 if d.sigma < 0 else (1.0 if d.score >= toward_threshold else 0.0)
+                _away(d) if d.sigma < 0 else (1.0 if d.score >= toward_threshold else 0.0)
                 for d in decisions
             ]
         )

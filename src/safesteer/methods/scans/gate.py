@@ -51,27 +51,31 @@ class ProbeGate:
         z = ((x - self.mean) / self.scale) @ self.weight + self.bias
         return torch.sigmoid(z)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors to store in an artifact."""
+    def tensors(self, prefix: str = "probe") -> dict[str, torch.Tensor]:
+        """Tensors to store in an artifact, named ``{prefix}_mean`` and so on."""
         return {
-            "probe_mean": self.mean,
-            "probe_scale": self.scale,
-            "probe_weight": self.weight,
-            "probe_bias": torch.tensor([self.bias]),
+            f"{prefix}_mean": self.mean,
+            f"{prefix}_scale": self.scale,
+            f"{prefix}_weight": self.weight,
+            f"{prefix}_bias": torch.tensor([self.bias]),
         }
 
     @classmethod
     def from_tensors(
-        cls, tensors: dict[str, torch.Tensor], layers: Sequence[int], kind: FeatureKind
+        cls,
+        tensors: dict[str, torch.Tensor],
+        layers: Sequence[int],
+        kind: FeatureKind,
+        prefix: str = "probe",
     ) -> ProbeGate:
         """Inverse of :meth:`tensors`."""
         return cls(
             tuple(int(i) for i in layers),
             kind,
-            tensors["probe_mean"].float(),
-            tensors["probe_scale"].float(),
-            tensors["probe_weight"].float(),
-            float(tensors["probe_bias"].reshape(-1)[0]),
+            tensors[f"{prefix}_mean"].float(),
+            tensors[f"{prefix}_scale"].float(),
+            tensors[f"{prefix}_weight"].float(),
+            float(tensors[f"{prefix}_bias"].reshape(-1)[0]),
         )
 
 

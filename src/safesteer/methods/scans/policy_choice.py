@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from safesteer.evaluation.judges.keyword import is_refusal_strict
+from safesteer.methods.scans.calibration_config import CalibrationConfig
+from safesteer.methods.scans.settings import POLICIES, Policy
 
 
 def outcome_rates(
@@ -40,12 +42,16 @@ def policy_outcomes(
     refused_toward: np.ndarray,
     policy: str,
     toward_threshold: float | None = None,
+    steer_away: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-row refusal under a policy when rows with P(harmful) >= threshold are flagged.
 
     ``banded``: flagged rows are steered towards refusal only from ``toward_threshold`` up.
+    ``steer_away`` (the refusal gate): unflagged rows where it is False stay unsteered.
     """
     flagged = probabilities >= threshold
+    if steer_away is not None:
+        refused_away = np.where(steer_away, refused_away, refused_default)
     if policy == "banded":
         if toward_threshold is None:
             raise ValueError("the banded policy needs toward_threshold")
@@ -124,6 +130,7 @@ def pareto_table(
     grid: int = 50,
     threshold_range: tuple[float, float] = FULL_RANGE,
     reference: np.ndarray | None = None,
+    steer_away: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Validation rates for every candidate threshold (the midpoints of the probabilities
     within ``threshold_range``, and its ends).
@@ -131,7 +138,8 @@ def pareto_table(
     ``banded`` has two thresholds: T on the midpoints, the towards-threshold on a grid of
     ``grid`` quantiles of the probabilities above T (plus "never"). With ``reference`` (the
     gate's probabilities of reference-text windows, all benign) each row also gives
-    ``reference_toward``: the % of them the policy steers towards refusal.
+    ``reference_toward``: the % of them the policy steers towards refusal. ``steer_away`` is
+    the refusal gate's verdict per row (see :func:`policy_outcomes`).
     """
     low, high = threshold_range
     if not 0.0 <= low < high <= 1.01:
@@ -152,6 +160,7 @@ def pareto_table(
                 refused_toward,
                 policy,
                 tt,
+                steer_away,
             )
             row: dict[str, Any] = {"threshold": float(t)}
             if tt is not None:
@@ -230,3 +239,69 @@ def frontier(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kept is None or row["avg"] > kept["avg"]:
             best[row["threshold"]] = row
     return [best[t] for t in sorted(best)]
+
+
+def choose_policy(
+    labels: Sequence[str],
+    probabilities: np.ndarray,
+    refused: tuple[np.ndarray, np.ndarray, np.ndarray],
+    plain: np.ndarray,
+    default_rates: dict[str, float],
+    config: CalibrationConfig,
+    reference: np.ndarray | None = None,
+    steer_away: np.ndarray | None = None,
+) -> tuple[Policy, dict[str, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """The best threshold of every policy within the config's budgets, the policy chosen among
+    them (best Avg within budget; ties go to the simpler policy, in POLICIES order) and each
+    policy's frontier for the report. ``refused``: default, away and towards verdicts."""
+    refused_default, refused_away, refused_toward = refused
+    tables = {
+        policy: pareto_table(
+            labels,
+            probabilities,
+            refused_default,
+            refused_away,
+            refused_toward,
+            policy,
+            plain,
+            threshold_range=config.threshold_range,
+            reference=reference,
+            steer_away=steer_away,
+        )
+        for policy in POLICIES
+    }
+    picks: dict[str, dict[str, Any]] = {
+        policy: choose_threshold(
+            table,
+            default_rates["unsafe_refusal"],
+            config.unsafe_budget,
+            default_rates["plain_refusal"],
+            config.plain_budget,
+            config.reference_budget,
+        )
+        for policy, table in tables.items()
+    }
+    policy: Policy = max(POLICIES, key=lambda p: (picks[p]["within_budget"], picks[p]["avg"]))
+    if steer_away is not None:
+        # what the refusal gate costs on validation: the chosen policy steering every row below T
+        # away, its threshold chosen the same way
+        ungated = pareto_table(
+            labels,
+            probabilities,
+            refused_default,
+            refused_away,
+            refused_toward,
+            policy,
+            plain,
+            threshold_range=config.threshold_range,
+            reference=reference,
+        )
+        picks[f"{policy} without the refusal gate"] = choose_threshold(
+            ungated,
+            default_rates["unsafe_refusal"],
+            config.unsafe_budget,
+            default_rates["plain_refusal"],
+            config.plain_budget,
+            config.reference_budget,
+        )
+    return policy, picks, {name: frontier(table) for name, table in tables.items()}

@@ -48,6 +48,10 @@ class ScansSettings:
     # projection on v capped at the artifact's per-layer ``caps``; ordinary text below the cap is
     # left alone). Steering towards refusal always adds +alpha * v.
     away_mode: AwayMode = "add"
+    # The refusal gate (calibrated recipe): a row below T is steered away only when the refusal
+    # probe (the gate's layers and features) gives P(the model refuses) >= this; None: every row
+    # below T is steered away, as in the paper.
+    refusal_threshold: float | None = None
 
     def summary(self) -> str:
         """One line describing a calibrated configuration."""
@@ -57,6 +61,11 @@ class ScansSettings:
             f"T {threshold}, policy {self.policy}, steering layers "
             f"{list(self.steer_layers)}, alpha {self.alpha} ({self.alpha_mode}), "
             f"away {self.away_mode}"
+            + (
+                ""
+                if self.refusal_threshold is None
+                else f" when P(refuse) >= {self.refusal_threshold:.3g}"
+            )
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -104,6 +113,9 @@ class ScansSettings:
                 else tuple(int(i) for i in data["threshold_layers"])
             ),
             away_mode=_choice(data.get("away_mode", "add"), AWAY_MODES, "away_mode"),
+            refusal_threshold=(
+                None if data.get("refusal_threshold") is None else float(data["refusal_threshold"])
+            ),
         )
 
 
