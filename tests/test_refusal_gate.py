@@ -191,3 +191,37 @@ def test_artifact_round_trip_keeps_the_refusal_gate(
     old_loaded = ScansArtifact.load(old.save(tmp_path / "old"), lm)
     assert old_loaded.refusal_probe is None
     assert all(d.steer_away for d in classify(lm, old_loaded, QUERIES))
+
+
+def test_choose_policy_reports_the_chosen_policy_without_the_refusal_gate() -> None:
+    from safesteer.methods.scans.calibration_config import CalibrationConfig
+    from safesteer.methods.scans.policy_choice import choose_policy
+
+    labels = ["safe"] * 6 + ["unsafe"] * 4
+    probabilities = np.array([0.05, 0.1, 0.15, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    default = np.array([True, True, False, False, False, True, True, False, True, False])
+    away = np.zeros(10, dtype=bool)
+    toward = np.ones(10, dtype=bool)
+    plain = np.array([False, False, True, True, False, False, False, False, False, False])
+    rates = {"unsafe_refusal": 50.0, "plain_refusal": 0.0}
+    config = CalibrationConfig(threshold_range=(0.0, 1.01))
+    outcomes = (default, away, toward)
+    every = np.ones(10, dtype=bool)
+    policy, picks, pareto = choose_policy(
+        labels, probabilities, outcomes, plain, rates, config, steer_away=every
+    )
+    without = picks[f"{policy} without the refusal gate"]
+    assert {k: without[k] for k in ("threshold", "avg")} == {
+        k: picks[policy][k] for k in ("threshold", "avg")
+    }
+    assert set(pareto) == {"signed", "away-only", "banded"}
+    # a gate that leaves the over-refused rows alone keeps their refusals
+    gate = np.array([False, False, True, True, True, True, True, True, True, True])
+    policy, picks, _ = choose_policy(
+        labels, probabilities, outcomes, plain, rates, config, None, gate
+    )
+    assert (
+        picks[policy]["safe_refusal"] > picks[f"{policy} without the refusal gate"]["safe_refusal"]
+    )
+    _, ungated, _ = choose_policy(labels, probabilities, outcomes, plain, rates, config)
+    assert set(ungated) == {"signed", "away-only", "banded"}

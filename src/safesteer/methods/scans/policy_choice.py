@@ -255,8 +255,9 @@ def choose_policy(
     them (best Avg within budget; ties go to the simpler policy, in POLICIES order) and each
     policy's frontier for the report. ``refused``: default, away and towards verdicts."""
     refused_default, refused_away, refused_toward = refused
-    tables = {
-        policy: pareto_table(
+
+    def table(policy: Policy, gate: np.ndarray | None) -> list[dict[str, Any]]:
+        return pareto_table(
             labels,
             probabilities,
             refused_default,
@@ -266,42 +267,24 @@ def choose_policy(
             plain,
             threshold_range=config.threshold_range,
             reference=reference,
-            steer_away=steer_away,
+            steer_away=gate,
         )
-        for policy in POLICIES
-    }
-    picks: dict[str, dict[str, Any]] = {
-        policy: choose_threshold(
-            table,
+
+    def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return choose_threshold(
+            rows,
             default_rates["unsafe_refusal"],
             config.unsafe_budget,
             default_rates["plain_refusal"],
             config.plain_budget,
             config.reference_budget,
         )
-        for policy, table in tables.items()
-    }
+
+    tables = {policy: table(policy, steer_away) for policy in POLICIES}
+    picks: dict[str, dict[str, Any]] = {policy: pick(rows) for policy, rows in tables.items()}
     policy: Policy = max(POLICIES, key=lambda p: (picks[p]["within_budget"], picks[p]["avg"]))
     if steer_away is not None:
         # what the refusal gate costs on validation: the chosen policy steering every row below T
         # away, its threshold chosen the same way
-        ungated = pareto_table(
-            labels,
-            probabilities,
-            refused_default,
-            refused_away,
-            refused_toward,
-            policy,
-            plain,
-            threshold_range=config.threshold_range,
-            reference=reference,
-        )
-        picks[f"{policy} without the refusal gate"] = choose_threshold(
-            ungated,
-            default_rates["unsafe_refusal"],
-            config.unsafe_budget,
-            default_rates["plain_refusal"],
-            config.plain_budget,
-            config.reference_budget,
-        )
-    return policy, picks, {name: frontier(table) for name, table in tables.items()}
+        picks[f"{policy} without the refusal gate"] = pick(table(policy, None))
+    return policy, picks, {name: frontier(rows) for name, rows in tables.items()}
