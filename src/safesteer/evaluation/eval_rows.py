@@ -132,6 +132,10 @@ def make_row(
         "steered": output.steered,
         "gate": output.gate,
         "sigma": None if decision is None else decision.sigma,
+        # the refusal gate's P(the model refuses), when the SCANS artifact has one
+        "refusal_probability": None
+        if decision is None or decision.refusal_probability is None
+        else round(decision.refusal_probability, 6),
         "layer_cosines": None
         if decision is None
         else [round(c, 5) for c in decision.layer_cosines],
