@@ -186,6 +186,8 @@ def test_artifact_round_trip_keeps_the_refusal_gate(
     assert "P(refuse) >= 0.5" in loaded.settings.summary()
     with pytest.raises(ArtifactError, match="refusal probe"):
         replace(artifact, refusal_probe=None)
+    with pytest.raises(ArtifactError, match="probe_layers"):
+        replace(artifact, settings=replace(artifact.settings, probe_layers=()))
     # an artifact from before the refusal gate loads with every safe row steered away
     old = replace(artifact, settings=replace(artifact.settings, refusal_threshold=None))
     old_loaded = ScansArtifact.load(old.save(tmp_path / "old"), lm)

@@ -49,6 +49,12 @@ class ScansArtifact:
     def __post_init__(self) -> None:
         if self.settings.gate == "probe" and self.probe is None:
             raise ArtifactError("a SCANS artifact with gate 'probe' needs its probe tensors")
+        if self.settings.refusal_threshold is not None and not self.settings.probe_layers:
+            raise ArtifactError(
+                "a SCANS artifact with a refusal_threshold reads its refusal probe on the probe "
+                "layers, and its settings name none (probe_layers); recalibrate with "
+                "`safesteer calibrate`"
+            )
         if self.settings.refusal_threshold is not None and self.refusal_probe is None:
             raise ArtifactError(
                 "a SCANS artifact with a refusal_threshold needs its refusal probe tensors "
