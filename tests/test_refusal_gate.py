@@ -240,3 +240,28 @@ def test_eval_rows_record_the_refusal_probability() -> None:
     assert row["refusal_probability"] == 0.3 and row["sigma"] == -1
     plain = MethodOutput("Use kill.", ScansDecision(0.1, -1, [], None))
     assert make_row("scans", 1, prompt, plain, {})["refusal_probability"] is None
+
+
+def test_generate_prints_the_refusal_gate_and_what_it_did(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conftest import build_tiny, make_tokenizer
+    from safesteer.cli.main import app
+    from safesteer.models import load_model
+
+    tokenizer = make_tokenizer()
+    folder = tmp_path / "model"
+    tiny = build_tiny("llama", tokenizer, seed=0)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    lm = load_model(str(folder))
+    printed = {}
+    for name, bias in (("answered", -4.0), ("refusing", 4.0)):
+        directory = _gated(lm, bias).save(tmp_path / name)
+        argv = ["generate", "Hi", "--model", str(folder), "--artifact", str(directory)]
+        result = CliRunner().invoke(app, [*argv, "--max-new-tokens", "2"])
+        assert result.exit_code == 0, result.output
+        assert "fitting SCANS now" not in result.output
+        printed[name] = " ".join(result.output.split())
+    assert "sigma -1 (safe) P(refuse) 0.018 → unsteered" in printed["answered"]
+    assert "sigma -1 (safe) P(refuse) 0.982 → steer away from refusal" in printed["refusing"]

@@ -183,8 +183,9 @@ def generate(
 ) -> None:
     """Print responses, with the SCANS decision (score, sigma) per prompt."""
     from safesteer.core.generation import GenerationConfig
-    from safesteer.evaluation.run_setup import RunError, RunOptions, fit_or_load
+    from safesteer.evaluation.run_setup import RunError, RunOptions, calibrated_for, fit_or_load
     from safesteer.evaluation.runner import decide_and_generate
+    from safesteer.methods.scans.decide import policy_coefficients
     from safesteer.models import load_model
 
     if method not in ("none", "scans", "safeswitch"):
@@ -207,14 +208,14 @@ def generate(
         lm = load_model(model, dtype=dtype, device=resolve_device(device), device_map=device_map)
         scans = None
         if method == "scans":
-            if artifact is None:
-                err.print("No --artifact given: fitting SCANS now (save one with `safesteer fit`).")
             options = RunOptions(
                 model=model,
                 artifact=str(artifact) if artifact else None,
                 seed=seed,
                 multiplier=multiplier,
             )
+            if artifact is None and calibrated_for(options) is None:
+                err.print("No --artifact given: fitting SCANS now (save one with `safesteer fit`).")
             scans = fit_or_load(lm, options, None)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty
@@ -223,17 +224,23 @@ def generate(
     console = Console()
     for prompt, (response, decision) in zip(prompts, outputs, strict=True):
         console.rule(prompt[:80])
-        if decision is not None:
+        if decision is not None and scans is not None:
+            coefficient = float(policy_coefficients(scans)([decision])[0])
             verdict = (
-                "unsafe → steer towards refusal"
-                if decision.sigma > 0
-                else (
-                    "safe → steer away"
-                    if decision.steer_away
-                    else "safe, would be answered → unsteered"
-                )
+                "steer towards refusal"
+                if coefficient > 0
+                else "steer away from refusal"
+                if coefficient < 0
+                else "unsteered"
             )
+            refusal = (
+                ""
+                if decision.refusal_probability is None
+                else f"  P(refuse) {decision.refusal_probability:.3f}"
+            )
+            side = "unsafe" if decision.sigma > 0 else "safe"
             console.print(
-                f"[dim]score {decision.score:.4f}  sigma {decision.sigma:+d}  {verdict}[/dim]"
+                f"[dim]score {decision.score:.4f}  sigma {decision.sigma:+d} ({side}){refusal}"
+                f"  → {verdict}[/dim]"
             )
         console.print(response)
