@@ -404,6 +404,13 @@ def test_shipped_artifact_is_calibrated_and_refuses_another_model(
     assert s.policy in ("signed", "away-only", "banded") and 0.0 < (s.threshold or 0) < 1.0
     assert artifact.probe is not None and len(s.probe_layers) == 3
     assert artifact.calibration["cls_layers"] == list(s.cls_layers)
+    # a refusal gate, when shipped, reads the probe's layers and stands at its recorded threshold
+    if s.refusal_threshold is not None:
+        assert artifact.refusal_probe is not None
+        assert artifact.refusal_probe.layers == artifact.probe.layers
+        recorded = artifact.calibration["gate"]["refusal_gate"]["threshold"]
+        assert s.refusal_threshold == pytest.approx(recorded)
+    assert (s.refusal_threshold is not None) == (model == "qwen2.5-coder-0.5b")  # v7 has one
     with pytest.raises(ArtifactError, match="not on the loaded model"):
         ScansArtifact.load(folder, tiny_models["qwen2"])
 
