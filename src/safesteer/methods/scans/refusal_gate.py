@@ -57,11 +57,14 @@ class RefusalGateFit:
         }
 
 
+def _percent(mask: np.ndarray) -> float:
+    """% of true entries (0 for no entries)."""
+    return float(mask.mean() * 100) if mask.size else 0.0
+
+
 def away_share(probabilities: np.ndarray, threshold: float) -> float:
     """% of rows with P(refuse) at or above ``threshold`` (0 for no rows)."""
-    if probabilities.size == 0:
-        return 0.0
-    return float((probabilities >= threshold).mean() * 100)
+    return _percent(probabilities >= threshold)
 
 
 def reference_threshold(reference: np.ndarray, budget: float) -> float:
@@ -141,12 +144,8 @@ def calibrate_refusal_gate(
     steer_away = probability >= fit.threshold
     info = {
         **fit.info(fit.oof[is_reference], refused[is_reference], budget),
-        "reference_refused_by_default": float(refused_reference.mean() * 100)
-        if refused_reference.size
-        else 0.0,
-        "safe_validation_steered_away": float(steer_away[safe].mean() * 100) if safe.any() else 0.0,
-        "over_refused_steered_away": float(steer_away[safe & refused_validation].mean() * 100)
-        if (safe & refused_validation).any()
-        else 0.0,
+        "reference_refused_by_default": _percent(refused_reference),
+        "safe_validation_steered_away": _percent(steer_away[safe]),
+        "over_refused_steered_away": _percent(steer_away[safe & refused_validation]),
     }
     return fit, steer_away, info
