@@ -6,9 +6,9 @@ the manifest's fingerprint is checked against the model on load.
 ``qwen2.5-coder-0.5b`` is calibration v7 (issue 10; report in
 docs/results/qwen05-calibration-v7/): the reviewed validation set (datasets/bundled/validation/
 README.md), with reference-text windows among the gate's benign rows and the refusal gate (rows
-are steered away only where the model would refuse). ``qwen2.5-coder-1.5b`` is
-its calibration with the fixed sweep ranking (report in docs/results/qwen15/calibration/), made
-before that review. Each was committed before any steered test reply of it was read, and both
+are steered away only where the model would refuse). ``qwen2.5-coder-1.5b`` is calibration v2
+(report in docs/results/qwen15/calibration-v2/): the same reviewed set and refusal gate. Each was
+committed before any steered test reply of it was read, and both
 carry version-2 fingerprints (exact row hashes). A version-1 fingerprint (config, chat-template
 hash and weight checksums with a 2 % tolerance) still loads, with a warning.
 """
