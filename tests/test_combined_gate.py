@@ -29,6 +29,7 @@ from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switched_generate_ids
 from safesteer.methods.safeswitch.settings import SAFESWITCH_SYSTEM_PROMPT
 from safesteer.methods.scans.artifact import ScansArtifact
+from safesteer.methods.scans.generate import scans_generate
 
 QUERIES = [HARMFUL[0], BENIGN[0], HARMFUL[2], BENIGN[3], "Hi", "Write a story about a bank."]
 CONFIG = GenerationConfig(max_new_tokens=6)
@@ -106,13 +107,13 @@ def test_a_row_is_steered_only_when_both_gates_call_it_benign(
     p_gate = _gate_probabilities(lm, gate, encoded)
     middle = sorted(p_gate)[len(p_gate) // 2]
     halved = dataclasses.replace(gate, threshold=middle)  # about half the rows may be steered
-    generated, decisions, steered, gated = combined_batch(
+    generated, decisions, (steered, _, gated) = combined_batch(
         lm, switch, scans, encoded, CONFIG, gate=halved
     )
     assert gated == pytest.approx(p_gate, abs=1e-5)
     assert steered == [p < middle for p in p_gate]
     assert any(steered) and not all(steered)
-    free, _, free_steered, no_gate = combined_batch(lm, switch, scans, encoded, CONFIG)
+    free, _, (free_steered, _, no_gate) = combined_batch(lm, switch, scans, encoded, CONFIG)
     assert no_gate == [None] * len(QUERIES)
     assert all(free_steered)  # without the gate stage 1 steers every row
     vetoed, _ = switched_generate_ids(lm, switch, encoded, CONFIG)
@@ -129,7 +130,9 @@ def test_a_row_is_steered_only_when_both_gates_call_it_benign(
     assert row["gate"] == 0.25  # eval rows keep the gate's probability
     # rows batched together equal rows alone
     for row, ids in enumerate(encoded):
-        alone, _, (was_steered,), _ = combined_batch(lm, switch, scans, [ids], CONFIG, gate=halved)
+        alone, _, ((was_steered,), _, _) = combined_batch(
+            lm, switch, scans, [ids], CONFIG, gate=halved
+        )
         assert alone.token_ids[0] == generated.token_ids[row] and was_steered == steered[row]
 
 
@@ -138,9 +141,89 @@ def test_open_gate_changes_nothing(
 ) -> None:
     encoded = _encoded(lm, switch)
     opened = dataclasses.replace(gate, threshold=1.01)
-    with_gate, _, steered, _ = combined_batch(lm, switch, scans, encoded, CONFIG, gate=opened)
-    without, _, free_steered, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
+    with_gate, _, (steered, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG, gate=opened)
+    without, _, (free_steered, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
     assert with_gate.token_ids == without.token_ids and steered == free_steered
+
+
+def test_towards_band_steers_unflagged_rows_towards_refusal(
+    lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate
+) -> None:
+    encoded = _encoded(lm, switch)
+    p_gate = _gate_probabilities(lm, gate, encoded)
+    ranked = sorted(p_gate)
+    away_below, towards_from = (ranked[0] + ranked[1]) / 2, (ranked[-3] + ranked[-2]) / 2
+    banded = dataclasses.replace(gate, threshold=away_below, towards_threshold=towards_from)
+    generated, decisions, gates = combined_batch(lm, switch, scans, encoded, CONFIG, gate=banded)
+    assert gates.steered == [p < away_below for p in p_gate] and sum(gates.steered) == 1
+    assert gates.towards == [p >= towards_from for p in p_gate] and sum(gates.towards) == 2
+    assert not any(d.flagged for d in decisions)  # stage 1 flags no row in this fixture
+    ones = [(+1.0, "towards"), (-1.0, "away")]
+    steered = {
+        name: scans_generate(
+            lm,
+            scans,
+            QUERIES,
+            CONFIG,
+            batch_size=8,
+            coefficients=lambda ds, c=c: torch.full((len(ds),), c),
+        )
+        for c, name in ones
+    }
+    alone, _ = switched_generate_ids(lm, switch, encoded, CONFIG)
+    for row in range(len(QUERIES)):
+        if gates.towards[row]:  # SCANS' towards-steering, token for token
+            assert generated.token_ids[row] == steered["towards"][row].token_ids
+        elif gates.steered[row]:
+            assert generated.token_ids[row] == steered["away"][row].token_ids
+        else:  # the middle band: SafeSwitch alone
+            assert generated.token_ids[row] == alone.token_ids[row]
+    assert any(
+        generated.token_ids[r] != alone.token_ids[r]
+        for r in range(len(QUERIES))
+        if gates.towards[r]
+    )
+    results = combined_generate(lm, switch, scans, QUERIES, CONFIG, gate=banded)
+    assert [r.towards for r in results] == gates.towards
+    row = make_row("scans+safeswitch", 0, VALIDATION[0], MethodOutput("x", None, towards=True), {})
+    assert row["towards"] is True
+
+
+def test_rows_stage1_flags_are_never_steered_towards(
+    lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate
+) -> None:
+    encoded = _encoded(lm, switch)
+    _, decisions, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
+    p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
+    middle = (p1[2] + p1[3]) / 2
+    flagging = switch.with_settings(threshold1=middle, steer_below=None)
+    everyone = dataclasses.replace(gate, threshold=-1.0, towards_threshold=-1.0)  # none benign
+    _, decisions, gates = combined_batch(lm, flagging, scans, encoded, CONFIG, gate=everyone)
+    assert not any(gates.steered)
+    assert gates.towards == [d.stage1 < middle for d in decisions]
+    assert any(gates.towards) and not all(gates.towards)
+
+
+def test_fit_bounds_the_scary_safe_rows_steered_towards(
+    tmp_path: Path, lm: LoadedModel, switch: SafeSwitchArtifact
+) -> None:
+    banded = fit_combined_gate(
+        lm, switch, HARMFUL, BENIGN, VALIDATION, budget=0.2, towards_budget=0.5, n_layers=2
+    )
+    assert banded.towards_threshold is not None
+    towards = banded.report["steered_towards"]
+    assert towards["safe, not plain"][0] <= math.floor(0.5 * 2)  # 2 scary-but-safe prompts
+    assert towards["safe, not plain"][1] == 2 and banded.report["towards_budget"] == 0.5
+    assert banded.report["flagged_by_stage1"]["unsafe"] == [0, 6]
+    banded.save(tmp_path / "gate")
+    again = CombinedGate.load(tmp_path / "gate", lm)
+    assert again.towards_threshold == banded.towards_threshold
+    assert again.summary()["towards_threshold"] == banded.towards_threshold
+    with pytest.raises(ValueError, match="towards_budget"):
+        fit_combined_gate(lm, switch, HARMFUL, BENIGN, VALIDATION, towards_budget=1.0)
+    plain_only = [p for p in VALIDATION if p.meta["kind"] != "scary"]
+    with pytest.raises(ValueError, match="scary-but-safe"):
+        fit_combined_gate(lm, switch, HARMFUL, BENIGN, plain_only, towards_budget=0.1)
 
 
 def test_gate_round_trip_and_prompt_format_check(
@@ -157,6 +240,7 @@ def test_gate_round_trip_and_prompt_format_check(
         _gate_probabilities(lm, gate, encoded), abs=1e-6
     )
     assert (again.threshold, again.layers) == (gate.threshold, gate.layers)
+    assert again.towards_threshold is None  # fitted without a towards budget
     assert again.report["steered_with_gate"] == gate.report["steered_with_gate"]
     other = switch.with_settings(system_prompt="You are a pirate.")
     with pytest.raises(ArtifactError, match="another system prompt"):
@@ -185,6 +269,20 @@ def test_cli_and_eval_option_errors(tmp_path: Path) -> None:
         ["fit", "combined-gate", "--safeswitch-artifact", "x", "--out", "y", "--budget", "2"],
     )
     assert result.exit_code == 2 and "--budget must be in [0, 1)" in result.output
+    result = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "combined-gate",
+            "--safeswitch-artifact",
+            "x",
+            "--out",
+            "y",
+            "--towards-budget",
+            "-1",
+        ],
+    )
+    assert result.exit_code == 2 and "--towards-budget must be in [0, 1)" in result.output
     options = EvalOptions(
         methods=["default"], combined_gate="some/gate", output_dir=str(tmp_path / "run")
     )

@@ -251,6 +251,9 @@ def test_combined_gate_through_the_server_equals_the_library(
     tmp_path: Path, lm: LoadedModel, scans: ScansArtifact
 ) -> None:
     switch = random_switch(lm, "two-stage").with_settings(steer_below=1.5, threshold2=-1.0)
+    p1 = [r.decision.stage1 for r in safeswitch_generate(lm, switch, QUERIES, GenerationConfig(1))]
+    flag_from = float(torch.tensor(p1).median())  # stage 1 flags about half the rows
+    switch = switch.with_settings(threshold1=flag_from)
     generator = torch.Generator().manual_seed(3)
     probe = ProbeGate(
         (1, 2),
@@ -263,7 +266,16 @@ def test_combined_gate_through_the_server_equals_the_library(
     layout = ChatLayout(lm.tokenizer, switch.settings.system_prompt)
     p_gate = probe.probability(capture(lm, [layout.prompt_ids(q) for q in QUERIES], [-1], [1, 2]))
     threshold = float(p_gate.median())
-    gate = CombinedGate(probe, threshold, switch.settings.system_prompt, lm.fingerprint())
+    towards_from = (
+        threshold  # rows the gate does not call benign go towards refusal, unless flagged
+    )
+    gate = CombinedGate(
+        probe,
+        threshold,
+        switch.settings.system_prompt,
+        lm.fingerprint(),
+        towards_threshold=towards_from,
+    )
     gate.save(tmp_path / "gate")
     scans.save(tmp_path / "scans")
     switch.save(tmp_path / "switch")
@@ -274,6 +286,11 @@ def test_combined_gate_through_the_server_equals_the_library(
     expected = combined_generate(lm, switch, scans, QUERIES, config, gate=gate)
     assert [r.steered for r in expected] == (p_gate < threshold).tolist()
     assert {r.steered for r in expected} == {True, False}  # stage 1 alone would steer every row
+    assert [r.towards for r in expected] == [
+        p >= towards_from and r.decision.stage1 < switch.settings.threshold1
+        for p, r in zip(p_gate.tolist(), expected, strict=True)
+    ]
+    assert any(r.towards for r in expected)
     with serving(engine, _settings(lm, default_method=M)) as (url, _, settings):
         client = _client(url)
         with ThreadPoolExecutor(len(QUERIES)) as pool:
@@ -282,6 +299,7 @@ def test_combined_gate_through_the_server_equals_the_library(
         assert answer.choices[0].message.content == want.response
         assert answer.model_extra["safesteer"]["steered"] == want.steered
         assert answer.model_extra["safesteer"]["gate"] == pytest.approx(want.gate)
+        assert answer.model_extra["safesteer"]["towards"] == want.towards
     with pytest.raises(ArtifactError, match="combined gate works inside scans\\+safeswitch"):
         load_methods(lm, [tmp_path / "scans", tmp_path / "gate"])
     with pytest.raises(ValueError, match="needs both"):

@@ -34,6 +34,14 @@ def fit_combined_gate_command(
             "may fall under the gate's threshold."
         ),
     ] = 0.05,
+    towards_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Also steer towards refusal the rows stage 1 does not flag whose P(harmful) "
+            "reaches a threshold that at most this share of validation scary-but-safe prompts "
+            "reach (out of fold). Off by default."
+        ),
+    ] = None,
     probe_layers: Annotated[int, typer.Option(help="Layers the probe reads.")] = 3,
     anchor_size: AnchorSizeOpt = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
@@ -53,9 +61,10 @@ def fit_combined_gate_command(
     from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
     from safesteer.models import load_model
 
-    if not 0.0 <= budget < 1.0:
-        err.print(f"[red]error:[/red] --budget must be in [0, 1), got {budget}")
-        raise typer.Exit(2)
+    for name, value in (("--budget", budget), ("--towards-budget", towards_budget)):
+        if value is not None and not 0.0 <= value < 1.0:
+            err.print(f"[red]error:[/red] {name} must be in [0, 1), got {value}")
+            raise typer.Exit(2)
     if probe_layers < 1 or batch_size < 1:
         err.print("[red]error:[/red] --probe-layers and --batch-size must be at least 1")
         raise typer.Exit(2)
@@ -73,6 +82,7 @@ def fit_combined_gate_command(
             anchors.benign,
             validation,
             budget=budget,
+            towards_budget=towards_budget,
             n_layers=probe_layers,
             seed=seed,
             batch_size=batch_size,
@@ -95,5 +105,11 @@ def fit_combined_gate_command(
         err.print(
             f"  validation {name}: steered by stage 1 alone {alone[name][0]}/{alone[name][1]}, "
             f"with the gate {both[name][0]}/{both[name][1]}"
+        )
+    if gate.towards_threshold is not None:
+        towards = report["steered_towards"]
+        err.print(
+            f"  towards refusal at P(harmful) >= {gate.towards_threshold:.3f}, stage 1 unflagged: "
+            + ", ".join(f"{name} {n}/{of}" for name, (n, of) in towards.items())
         )
     err.print(f"({time.perf_counter() - started:.0f} s)")

@@ -108,6 +108,7 @@ class MethodOutput:
     flagged: bool | None = None
     steered: bool | None = None  # scans+safeswitch: steered away from refusal
     gate: float | None = None  # scans+safeswitch: the second gate's P(harmful), if one is used
+    towards: bool | None = None  # scans+safeswitch: steered towards refusal (the gate's band)
 
 
 OnBatch = Callable[[list[int], list[MethodOutput]], None]

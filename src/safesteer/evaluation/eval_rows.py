@@ -131,6 +131,7 @@ def make_row(
         "flagged": output.flagged,
         "steered": output.steered,
         "gate": output.gate,
+        "towards": output.towards,
         "sigma": None if decision is None else decision.sigma,
         # the refusal gate's P(the model refuses), when the SCANS artifact has one
         "refusal_probability": None

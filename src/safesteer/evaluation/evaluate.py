@@ -127,6 +127,7 @@ def run_method(
                     r.decision.flagged,
                     getattr(r, "steered", None),
                     getattr(r, "gate", None),
+                    getattr(r, "towards", None),
                 )
                 for r in results
             ]

@@ -10,6 +10,9 @@ Per row, in one batched greedy generation with one prefill:
     these are the rows where a refusal would be a false one. With a second gate
     (:mod:`safesteer.methods.combined_gate`, read from the same prefill) a row is steered only
     when that gate calls it benign too;
+  - with a gate that has a towards threshold, rows stage 1 does not flag but the gate finds
+    harmful enough are steered towards refusal (coefficient +1), as SCANS steers the rows it
+    calls harmful;
   - the other rows stay unsteered; after ``n_decode`` tokens stage 2 asks whether
     the model is about to comply, and if so the refusal head takes over (as in SafeSwitch).
 To steer the last prompt token the cache is rolled back by one token after the prefill and that
@@ -58,16 +61,24 @@ class CombinedResult:
     token_ids: list[int]
     stopped: bool
     gate: float | None = None  # the second gate's P(harmful), when one is used
+    towards: bool = False  # steered towards refusal (a gate with a towards threshold)
+
+
+class GateDecisions(NamedTuple):
+    """Per row of a batch: steered away from refusal, steered towards it, and the second gate's
+    P(harmful) (None without a gate)."""
+
+    steered: list[bool]
+    towards: list[bool]
+    gate: list[float | None]
 
 
 class CombinedBatch(NamedTuple):
-    """One batch's generation, SafeSwitch's decisions, which rows were steered away from refusal,
-    and the second gate's P(harmful) per row (None without a gate)."""
+    """One batch's generation, SafeSwitch's decisions and the steering decisions."""
 
     generated: Generated
     decisions: list[SwitchDecision]
-    steered: list[bool]
-    gate: list[float | None]
+    gates: GateDecisions
 
 
 def check_combinable(
@@ -90,17 +101,16 @@ def combined_batch(
     config: GenerationConfig,
     *,
     on_step: StepCallback | None = None,
-    on_gate: Callable[[Switcher, list[bool], list[float | None]], None] | None = None,
+    on_gate: Callable[[Switcher, GateDecisions], None] | None = None,
     gate: CombinedGate | None = None,
 ) -> CombinedBatch:
     """Gate, steer and switch one batch of encoded prompts (see the module docstring).
 
     ``on_step``: see :data:`~safesteer.core.generation.StepCallback`. ``on_gate(switcher,
-    steered, gate)`` is called once the gates have decided, before decoding (a server reads each
-    row's decision from ``switcher`` as the row finishes); ``gate`` holds the second gate's
-    P(harmful) per row, None without one."""
+    gates)`` is called once the gates have decided, before decoding (a server reads each row's
+    decision from ``switcher`` as the row finishes)."""
     if not encoded:
-        return CombinedBatch(Generated([], []), [], [], [])
+        return CombinedBatch(Generated([], []), [], GateDecisions([], [], []))
     batch = left_pad(encoded, int(lm.tokenizer.pad_token_id), lm.device)
     width = batch.width
     cache = new_cache(lm, rollback=True)
@@ -110,15 +120,19 @@ def combined_batch(
             forward(lm, batch, past_key_values=cache, use_cache=True)
         p1 = switcher.stage1_probabilities()
         benign = p1 < switch.settings.steering_threshold
+        towards = torch.zeros_like(benign)
         p_gate: list[float | None] = [None] * len(encoded)
         if gate is not None and second is not None:
             probabilities = gate.probabilities(second.stacked())
             p_gate = [float(p) for p in probabilities.tolist()]
             benign &= (probabilities < gate.threshold).to(benign.device)
-        steered = [bool(b) for b in benign.tolist()]
+            towards = gate.towards(probabilities, p1 >= switch.settings.threshold1) & ~benign
+        gates = GateDecisions(
+            [bool(b) for b in benign.tolist()], [bool(t) for t in towards.tolist()], p_gate
+        )
         if on_gate is not None:
-            on_gate(switcher, steered, p_gate)
-        coefficients = torch.where(benign, -1.0, 0.0).cpu()
+            on_gate(switcher, gates)
+        coefficients = torch.where(benign, -1.0, torch.where(towards, 1.0, 0.0)).cpu()
         rollback(cache, 1)
         step = Batch(batch.input_ids[:, -1:], batch.attention_mask, batch.position_ids[:, -1:])
         with steering(lm, scans.steering_vectors(), coefficients, width - 1, scans.steering_caps()):
@@ -126,7 +140,7 @@ def combined_batch(
             first = out.logits[:, -1, :].float()
             generated = decode_loop(lm, batch, first, cache, config, on_step)
         decisions = switcher.decisions()
-    return CombinedBatch(generated, decisions, steered, p_gate)
+    return CombinedBatch(generated, decisions, gates)
 
 
 def combined_generate(
@@ -152,7 +166,7 @@ def combined_generate(
     encoded = [layout.prompt_ids(q) for q in queries]
     results: list[CombinedResult | None] = [None] * len(queries)
     for indices in length_sorted_batches([len(e) for e in encoded], batch_size):
-        generated, decisions, steered, p_gate = combined_batch(
+        generated, decisions, gates = combined_batch(
             lm, switch, scans, [encoded[i] for i in indices], config, gate=gate
         )
         batch: list[CombinedResult] = []
@@ -160,7 +174,14 @@ def combined_generate(
             ids = generated.token_ids[k]
             text = str(lm.tokenizer.decode(ids, skip_special_tokens=True)).strip()
             result = CombinedResult(
-                queries[i], decisions[k], steered[k], text, ids, generated.stopped[k], p_gate[k]
+                queries[i],
+                decisions[k],
+                gates.steered[k],
+                text,
+                ids,
+                generated.stopped[k],
+                gates.gate[k],
+                gates.towards[k],
             )
             batch.append(result)
             results[i] = result

@@ -12,6 +12,12 @@ method will see it. With the gate, a row is steered only when both readers call 
 The gate's threshold bounds the share of validation harmful prompts under it (out-of-fold
 probabilities), like stage 1's steering threshold. It costs no forward: its states come from hooks
 on the prefill the combined method runs anyway.
+
+Optionally (``towards_budget``) the gate also has a *towards* threshold: a row stage 1 does not
+flag, whose gate P(harmful) reaches it, is steered towards refusal with the SCANS vectors (SCANS'
+own move for rows it calls harmful), so harmful requests stage 1 misses need not rely on the
+model's own refusal. The threshold bounds the share of the validation set's scary-but-safe prompts
+at or above it (out-of-fold), the prompts where a false refusal is likeliest.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from safesteer.core.layout import ChatLayout
 from safesteer.datasets import Prompt
 from safesteer.methods.artifacts import ArtifactError, check_model, load_artifact, save_artifact
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
-from safesteer.methods.safeswitch.probe import budget_threshold
+from safesteer.methods.safeswitch.probe import budget_threshold, false_flag_threshold
 from safesteer.methods.scans.calibration_cache import texts_sha256
 from safesteer.methods.scans.gate import ProbeGate, auroc, choose_gate, fit_probe, out_of_fold
 
@@ -56,6 +62,8 @@ class CombinedGate:
     system_prompt: str | None  # the SafeSwitch prompt format it was fitted under
     model_fingerprint: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
+    # rows stage 1 leaves unflagged are steered towards refusal at or above it (None: never)
+    towards_threshold: float | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -69,7 +77,19 @@ class CombinedGate:
     def summary(self) -> dict[str, Any]:
         """What a run records about the gate: its probe, threshold and validation numbers."""
         report = {k: v for k, v in self.report.items() if k != "per_layer_auroc"}
-        return {"layers": list(self.layers), "threshold": self.threshold, **report}
+        return {
+            "layers": list(self.layers),
+            "threshold": self.threshold,
+            "towards_threshold": self.towards_threshold,
+            **report,
+        }
+
+    def towards(self, probabilities: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+        """Rows to steer towards refusal: not ``flagged`` by stage 1 and at or above the towards
+        threshold (none without one)."""
+        if self.towards_threshold is None:
+            return torch.zeros_like(flagged, dtype=torch.bool)
+        return ~flagged & (probabilities >= self.towards_threshold).to(flagged.device)
 
     def check_layout(self, switch: SafeSwitchArtifact) -> None:
         """Fail clearly when the gate was fitted under another prompt format than ``switch``."""
@@ -86,6 +106,7 @@ class CombinedGate:
             "layers": list(self.layers),
             "kind": self.probe.kind,
             "threshold": self.threshold,
+            "towards_threshold": self.towards_threshold,
             "system_prompt": self.system_prompt,
             "model_fingerprint": self.model_fingerprint,
             "report": self.report,
@@ -100,12 +121,14 @@ class CombinedGate:
             check_model(manifest, lm, directory, fit=METHOD)
         try:
             probe = ProbeGate.from_tensors(tensors, manifest["layers"], manifest["kind"])
+            towards = manifest.get("towards_threshold")
             return cls(
                 probe=probe,
                 threshold=float(manifest["threshold"]),
                 system_prompt=manifest.get("system_prompt"),
                 model_fingerprint=manifest["model_fingerprint"],
                 report=manifest.get("report", {}),
+                towards_threshold=None if towards is None else float(towards),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(
@@ -126,6 +149,7 @@ def fit_combined_gate(
     validation: Sequence[Prompt],
     *,
     budget: float = 0.05,
+    towards_budget: float | None = None,
     n_layers: int = 3,
     seed: int = 0,
     batch_size: int = 16,
@@ -135,9 +159,12 @@ def fit_combined_gate(
 
     ``budget``: the largest share of validation harmful prompts whose out-of-fold P(harmful) may
     fall under the threshold. The report compares, on the validation set, the rows stage 1 alone
-    would steer with the rows both gates would steer."""
-    if not 0.0 <= budget < 1.0:
-        raise ValueError(f"budget must be in [0, 1), got {budget}")
+    would steer with the rows both gates would steer. ``towards_budget``: the largest share of
+    validation scary-but-safe prompts whose out-of-fold P(harmful) may reach the towards threshold
+    (None: no towards steering)."""
+    for name, value in (("budget", budget), ("towards_budget", towards_budget)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
     require_two_stage(switch)
     labels = [p.label for p in validation]
     if "unsafe" not in labels or "safe" not in labels:
@@ -161,11 +188,13 @@ def fit_combined_gate(
     stage1 = switch.stage1.probability(states[first:, switch.settings.layer % lm.num_layers, 0])
     by_stage1 = stage1.numpy() < switch.settings.steering_threshold
     kinds = np.asarray([p.meta.get("kind", "") for p in validation])
-    groups = {
-        "unsafe": val_harmful,
-        "safe": ~val_harmful,
-        "safe, not plain": ~val_harmful & (kinds != "plain"),
-    }
+    scary = ~val_harmful & (kinds != "plain")
+    groups = {"unsafe": val_harmful, "safe": ~val_harmful, "safe, not plain": scary}
+    towards = None
+    if towards_budget is not None:
+        if not scary.any():
+            raise ValueError("towards_budget needs scary-but-safe (not plain) validation prompts")
+        towards = false_flag_threshold(val_p[scary].tolist(), towards_budget)
     report = {
         "budget": budget,
         "c": choice.c,
@@ -179,4 +208,16 @@ def fit_combined_gate(
         "steered_with_gate": _shares(by_stage1 & (val_p < threshold), groups),
         "stage1_steering_threshold": switch.settings.steering_threshold,
     }
-    return CombinedGate(probe, threshold, switch.settings.system_prompt, lm.fingerprint(), report)
+    if towards is not None:
+        unflagged = stage1.numpy() < switch.settings.threshold1
+        report["towards_budget"] = towards_budget
+        report["steered_towards"] = _shares(unflagged & (val_p >= towards), groups)
+        report["flagged_by_stage1"] = _shares(~unflagged, groups)
+    return CombinedGate(
+        probe,
+        threshold,
+        switch.settings.system_prompt,
+        lm.fingerprint(),
+        report,
+        towards_threshold=towards,
+    )

@@ -333,13 +333,17 @@ class Engine:
         seen: dict[str, Any] = {}
 
         def decide(row: int) -> dict[str, Any]:
-            d = seen["switcher"].decisions()[row]
+            d, gates = seen["switcher"].decisions()[row], seen["gates"]
             return {
                 "stage1": d.stage1,
                 "stage2": d.stage2,
                 "flagged": d.flagged,
-                "steered": bool(seen["steered"][row]),
-                **({} if self.combined_gate is None else {"gate": seen["gate"][row]}),
+                "steered": gates.steered[row],
+                **(
+                    {}
+                    if self.combined_gate is None
+                    else {"gate": gates.gate[row], "towards": gates.towards[row]}
+                ),
             }
 
         combined_batch(
@@ -349,9 +353,7 @@ class Engine:
             prompts,
             config,
             on_step=self._stepper(jobs, decide),
-            on_gate=lambda switcher, steered, gate: seen.update(
-                switcher=switcher, steered=steered, gate=gate
-            ),
+            on_gate=lambda switcher, gates: seen.update(switcher=switcher, gates=gates),
             gate=self.combined_gate,
         )
 
