@@ -504,3 +504,20 @@ def test_library_refuses_non_finite_steering(tiny_models: dict[str, LoadedModel]
     nan_vectors = dataclasses.replace(artifact, vectors=torch.full_like(artifact.vectors, math.nan))
     with pytest.raises(ArtifactError, match="non-finite values in its refusal vectors; refit"):
         scans_generate(lm, nan_vectors, ["hi"], GenerationConfig(max_new_tokens=2))
+
+
+def test_long_fits_report_progress_as_lines_in_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a terminal (a log file, nohup), progress messages are timestamped lines, not a
+    transient status line that leaves nothing behind."""
+    from safesteer.cli.common import err, progress_lines
+
+    assert not err.is_terminal
+    with progress_lines("fitting") as progress:
+        progress("labelling answers: 16/1200")
+        progress("probers trained")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("s ", 1)[1] for line in lines] == [
+        "labelling answers: 16/1200",
+        "probers trained",
+    ]
+    assert all(line.split("s ", 1)[0].strip().isdigit() for line in lines)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -82,3 +83,19 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
     except kinds as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+@contextmanager
+def progress_lines(title: str) -> Iterator[Callable[[str], None]]:
+    """A ``progress(message)`` callback: a live status line in a terminal, timestamped lines
+    otherwise (a log file keeps what a long fit was doing)."""
+    started = time.perf_counter()
+    if err.is_terminal:
+        with err.status(title) as status:
+            yield status.update
+        return
+
+    def line(message: str) -> None:
+        err.print(f"{time.perf_counter() - started:6.0f}s {message}", highlight=False)
+
+    yield line

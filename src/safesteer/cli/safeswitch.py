@@ -22,6 +22,7 @@ from safesteer.cli.common import (
     DeviceOpt,
     DtypeOpt,
     err,
+    progress_lines,
     resolve_device,
     user_errors,
 )
@@ -191,7 +192,7 @@ def fit_safeswitch_command(
             f"Fitting SafeSwitch ({mode}) on {n_harmful} harmful + {len(prompts) - n_harmful} "
             f"harmless prompts with the {judge} judge"
         )
-        with err.status("fitting") as status:
+        with progress_lines("fitting") as progress:
             artifact = fit_safeswitch(
                 lm,
                 prompts,
@@ -199,7 +200,7 @@ def fit_safeswitch_command(
                 config,
                 head_extra=data.head_extra,
                 data_report=data.report,
-                progress=lambda message: status.update(message),
+                progress=progress,
             )
         artifact.save(out)
         label = artifact.report["sweep_label"]
