@@ -9,7 +9,14 @@ from typing import Annotated
 
 import typer
 
-from safesteer.cli.common import AnchorSizeOpt, BatchOpt, DataDirOpt, DtypeOpt, err
+from safesteer.cli.common import (
+    AnchorSizeOpt,
+    BatchOpt,
+    DataDirOpt,
+    DtypeOpt,
+    err,
+    timestamped_lines,
+)
 
 
 def _numbers(text: str, example: str) -> tuple[float, ...]:
@@ -146,9 +153,7 @@ def calibrate_command(
             validation,
             folder,
             config,
-            progress=lambda msg: err.print(
-                f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"
-            ),
+            progress=timestamped_lines(started),
             fluency_text=text,
         )
         artifact, calibration = calibrator.run()

@@ -18,6 +18,7 @@ from safesteer.cli.common import (
     ModelOpt,
     err,
     resolve_device,
+    timestamped_lines,
 )
 
 
@@ -86,9 +87,7 @@ def fit_combined_gate_command(
             n_layers=probe_layers,
             seed=seed,
             batch_size=batch_size,
-            progress=lambda msg: err.print(
-                f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {msg}"
-            ),
+            progress=timestamped_lines(started),
         )
     except (ModelLoadError, DatasetError, ArtifactError, ValueError) as exc:
         err.print(f"[red]error:[/red] {exc}")

@@ -85,17 +85,22 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
         raise typer.Exit(1) from exc
 
 
+def timestamped_lines(started: float) -> Callable[[str], None]:
+    """A ``progress(message)`` callback that prints each message as a line stamped with the
+    seconds since ``started`` (a ``time.perf_counter()`` value)."""
+
+    def line(message: str) -> None:
+        err.print(f"[dim]{time.perf_counter() - started:6.0f}s[/dim] {message}")
+
+    return line
+
+
 @contextmanager
 def progress_lines(title: str) -> Iterator[Callable[[str], None]]:
     """A ``progress(message)`` callback: a live status line in a terminal, timestamped lines
     otherwise (a log file keeps what a long fit was doing)."""
-    started = time.perf_counter()
     if err.is_terminal:
         with err.status(title) as status:
             yield status.update
         return
-
-    def line(message: str) -> None:
-        err.print(f"{time.perf_counter() - started:6.0f}s {message}", highlight=False)
-
-    yield line
+    yield timestamped_lines(time.perf_counter())
