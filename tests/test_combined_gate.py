@@ -26,7 +26,7 @@ from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
 from safesteer.methods.combined_gate import CombinedGate, fit_combined_gate
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
-from safesteer.methods.safeswitch.generate import switched_generate_ids
+from safesteer.methods.safeswitch.generate import switched_generate_ids, switching
 from safesteer.methods.safeswitch.settings import SAFESWITCH_SYSTEM_PROMPT
 from safesteer.methods.scans.artifact import ScansArtifact
 from safesteer.methods.scans.generate import scans_generate
@@ -107,13 +107,13 @@ def test_a_row_is_steered_only_when_both_gates_call_it_benign(
     p_gate = _gate_probabilities(lm, gate, encoded)
     middle = sorted(p_gate)[len(p_gate) // 2]
     halved = dataclasses.replace(gate, threshold=middle)  # about half the rows may be steered
-    generated, decisions, (steered, _, gated) = combined_batch(
+    generated, decisions, (steered, _, gated, _) = combined_batch(
         lm, switch, scans, encoded, CONFIG, gate=halved
     )
     assert gated == pytest.approx(p_gate, abs=1e-5)
     assert steered == [p < middle for p in p_gate]
     assert any(steered) and not all(steered)
-    free, _, (free_steered, _, no_gate) = combined_batch(lm, switch, scans, encoded, CONFIG)
+    free, _, (free_steered, _, no_gate, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
     assert no_gate == [None] * len(QUERIES)
     assert all(free_steered)  # without the gate stage 1 steers every row
     vetoed, _ = switched_generate_ids(lm, switch, encoded, CONFIG)
@@ -130,7 +130,7 @@ def test_a_row_is_steered_only_when_both_gates_call_it_benign(
     assert row["gate"] == 0.25  # eval rows keep the gate's probability
     # rows batched together equal rows alone
     for row, ids in enumerate(encoded):
-        alone, _, ((was_steered,), _, _) = combined_batch(
+        alone, _, ((was_steered,), _, _, _) = combined_batch(
             lm, switch, scans, [ids], CONFIG, gate=halved
         )
         assert alone.token_ids[0] == generated.token_ids[row] and was_steered == steered[row]
@@ -141,8 +141,10 @@ def test_open_gate_changes_nothing(
 ) -> None:
     encoded = _encoded(lm, switch)
     opened = dataclasses.replace(gate, threshold=1.01)
-    with_gate, _, (steered, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG, gate=opened)
-    without, _, (free_steered, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
+    with_gate, _, (steered, _, _, _) = combined_batch(
+        lm, switch, scans, encoded, CONFIG, gate=opened
+    )
+    without, _, (free_steered, _, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
     assert with_gate.token_ids == without.token_ids and steered == free_steered
 
 
@@ -204,6 +206,74 @@ def test_rows_stage1_flags_are_never_steered_towards(
     assert any(gates.towards) and not all(gates.towards)
 
 
+def test_release_hands_flagged_rows_back_to_the_model(
+    lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate
+) -> None:
+    encoded = _encoded(lm, switch)
+    _, decisions, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
+    p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
+    middle = (p1[2] + p1[3]) / 2
+    flagging = switch.with_settings(threshold1=middle, steer_below=None)  # stage 2 always passes
+    p_gate = _gate_probabilities(lm, gate, encoded)
+    flagged_p = sorted(p for p, d in zip(p_gate, decisions, strict=True) if d.stage1 >= middle)
+    release_below = (flagged_p[0] + flagged_p[1]) / 2  # releases one of the flagged rows
+    releasing = dataclasses.replace(gate, threshold=-1.0, release_threshold=release_below)
+    generated, decisions, gates = combined_batch(
+        lm, flagging, scans, encoded, CONFIG, gate=releasing
+    )
+    by_stage1 = [d.stage1 >= middle for d in decisions]
+    assert gates.released == [
+        f and p < release_below for f, p in zip(by_stage1, p_gate, strict=True)
+    ]
+    assert sum(gates.released) == 1 and not any(gates.steered) and not any(gates.towards)
+    assert [d.flagged for d in decisions] == [
+        f and not r for f, r in zip(by_stage1, gates.released, strict=True)
+    ]
+    alone, _ = switched_generate_ids(lm, flagging, encoded, CONFIG)
+    plain, _ = switched_generate_ids(lm, switch.with_settings(threshold1=2.0), encoded, CONFIG)
+    for row in range(len(QUERIES)):
+        if gates.released[row]:  # the model's own answer, not the refusal head's
+            assert generated.token_ids[row] == plain.token_ids[row]
+            assert alone.token_ids[row] != plain.token_ids[row]
+        else:  # SafeSwitch alone, token for token
+            assert generated.token_ids[row] == alone.token_ids[row]
+    kept = dataclasses.replace(releasing, release_threshold=None)
+    _, _, gates = combined_batch(lm, flagging, scans, encoded, CONFIG, gate=kept)
+    assert not any(gates.released)
+    results = combined_generate(lm, flagging, scans, QUERIES, CONFIG, gate=releasing)
+    assert [r.released for r in results] == [
+        f and p < release_below for f, p in zip(by_stage1, p_gate, strict=True)
+    ]
+    row = make_row("scans+safeswitch", 0, VALIDATION[0], MethodOutput("x", None, released=True), {})
+    assert row["released"] is True
+    with switching(lm, switch, 4, 2) as switcher, pytest.raises(ValueError, match="mask of 2"):
+        switcher.release(torch.zeros(3, dtype=torch.bool))
+
+
+def test_fit_bounds_the_flagged_harmful_rows_released(
+    tmp_path: Path, lm: LoadedModel, switch: SafeSwitchArtifact
+) -> None:
+    flag_all = switch.with_settings(threshold1=-1.0, steer_below=-2.0)
+    releasing = fit_combined_gate(
+        lm, flag_all, HARMFUL, BENIGN, VALIDATION, budget=0.2, release_budget=0.5, n_layers=2
+    )
+    assert releasing.release_threshold is not None
+    report = releasing.report
+    assert report["flagged_by_stage1"]["unsafe"] == [6, 6]
+    assert report["released"]["unsafe"][0] <= math.floor(0.5 * 6)
+    assert report["released"]["safe"][1] == 6 and report["release_budget"] == 0.5
+    curve = report["release_by_budget"]
+    assert [curve[b]["unsafe"][0] for b in curve] == sorted(curve[b]["unsafe"][0] for b in curve)
+    releasing.save(tmp_path / "gate")
+    again = CombinedGate.load(tmp_path / "gate", lm)
+    assert again.release_threshold == releasing.release_threshold
+    assert again.summary()["release_threshold"] == releasing.release_threshold
+    with pytest.raises(ValueError, match="release_budget"):
+        fit_combined_gate(lm, flag_all, HARMFUL, BENIGN, VALIDATION, release_budget=1.0)
+    with pytest.raises(ValueError, match="that stage 1 flags"):  # the fixture flags nothing
+        fit_combined_gate(lm, switch, HARMFUL, BENIGN, VALIDATION, release_budget=0.1)
+
+
 def test_fit_bounds_the_scary_safe_rows_steered_towards(
     tmp_path: Path, lm: LoadedModel, switch: SafeSwitchArtifact
 ) -> None:
@@ -241,6 +311,7 @@ def test_gate_round_trip_and_prompt_format_check(
     )
     assert (again.threshold, again.layers) == (gate.threshold, gate.layers)
     assert again.towards_threshold is None  # fitted without a towards budget
+    assert again.release_threshold is None  # nor a release budget
     assert again.report["steered_with_gate"] == gate.report["steered_with_gate"]
     other = switch.with_settings(system_prompt="You are a pirate.")
     with pytest.raises(ArtifactError, match="another system prompt"):
@@ -283,6 +354,9 @@ def test_cli_and_eval_option_errors(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "--towards-budget must be in [0, 1)" in result.output
+    release = ["fit", "combined-gate", "--safeswitch-artifact", "x", "--out", "y"]
+    result = CliRunner().invoke(app, [*release, "--release-budget", "1.5"])
+    assert result.exit_code == 2 and "--release-budget must be in [0, 1)" in result.output
     options = EvalOptions(
         methods=["default"], combined_gate="some/gate", output_dir=str(tmp_path / "run")
     )

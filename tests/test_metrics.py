@@ -229,11 +229,11 @@ def test_eval_summary_counts_the_rows_each_method_acted_on() -> None:
         row("a", False, True),
         row("b", True, None),  # SafeSwitch rows record no steering
         row("c", None, None),  # SCANS or plain rows record neither
-        {"subset": "d", "flagged": False, "steered": False, "towards": True},
+        {"subset": "d", "flagged": False, "steered": False, "towards": True, "released": True},
     ]
     assert interventions(rows) == {
         "a": {"n": 3, "flagged": 1, "steered": 2},
         "b": {"n": 1, "flagged": 1},
-        "d": {"n": 1, "flagged": 0, "steered": 0, "towards": 1},
+        "d": {"n": 1, "flagged": 0, "steered": 0, "towards": 1, "released": 1},
     }
     assert interventions([row("c", None, None)]) == {}

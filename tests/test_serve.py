@@ -269,12 +269,15 @@ def test_combined_gate_through_the_server_equals_the_library(
     towards_from = (
         threshold  # rows the gate does not call benign go towards refusal, unless flagged
     )
+    flagged_p = sorted(p for p, s1 in zip(p_gate.tolist(), p1, strict=True) if s1 >= flag_from)
+    release_below = (flagged_p[0] + flagged_p[1]) / 2  # vetoes one of stage 1's flags
     gate = CombinedGate(
         probe,
         threshold,
         switch.settings.system_prompt,
         lm.fingerprint(),
         towards_threshold=towards_from,
+        release_threshold=release_below,
     )
     gate.save(tmp_path / "gate")
     scans.save(tmp_path / "scans")
@@ -291,6 +294,8 @@ def test_combined_gate_through_the_server_equals_the_library(
         for p, r in zip(p_gate.tolist(), expected, strict=True)
     ]
     assert any(r.towards for r in expected)
+    assert sum(r.released for r in expected) == 1
+    assert not any(r.decision.flagged for r in expected if r.released)
     with serving(engine, _settings(lm, default_method=M)) as (url, _, settings):
         client = _client(url)
         with ThreadPoolExecutor(len(QUERIES)) as pool:
@@ -300,6 +305,8 @@ def test_combined_gate_through_the_server_equals_the_library(
         assert answer.model_extra["safesteer"]["steered"] == want.steered
         assert answer.model_extra["safesteer"]["gate"] == pytest.approx(want.gate)
         assert answer.model_extra["safesteer"]["towards"] == want.towards
+        assert answer.model_extra["safesteer"]["released"] == want.released
+        assert answer.model_extra["safesteer"]["flagged"] == want.decision.flagged
     with pytest.raises(ArtifactError, match="combined gate works inside scans\\+safeswitch"):
         load_methods(lm, [tmp_path / "scans", tmp_path / "gate"])
     with pytest.raises(ValueError, match="needs both"):

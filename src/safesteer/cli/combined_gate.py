@@ -43,6 +43,14 @@ def fit_combined_gate_command(
             "reach (out of fold). Off by default."
         ),
     ] = None,
+    release_budget: Annotated[
+        float | None,
+        typer.Option(
+            help="Also release rows stage 1 flags (no refusal head; the model answers unsteered) "
+            "whose P(harmful) falls under a threshold that at most this share of the validation "
+            "harmful prompts stage 1 flags fall under (out of fold). Off by default."
+        ),
+    ] = None,
     probe_layers: Annotated[int, typer.Option(help="Layers the probe reads.")] = 3,
     anchor_size: AnchorSizeOpt = 64,
     seed: Annotated[int, typer.Option(help="Seed for anchors, samples and folds.")] = 0,
@@ -62,7 +70,12 @@ def fit_combined_gate_command(
     from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
     from safesteer.models import load_model
 
-    for name, value in (("--budget", budget), ("--towards-budget", towards_budget)):
+    budgets = (
+        ("--budget", budget),
+        ("--towards-budget", towards_budget),
+        ("--release-budget", release_budget),
+    )
+    for name, value in budgets:
         if value is not None and not 0.0 <= value < 1.0:
             err.print(f"[red]error:[/red] {name} must be in [0, 1), got {value}")
             raise typer.Exit(2)
@@ -84,6 +97,7 @@ def fit_combined_gate_command(
             validation,
             budget=budget,
             towards_budget=towards_budget,
+            release_budget=release_budget,
             n_layers=probe_layers,
             seed=seed,
             batch_size=batch_size,
@@ -110,5 +124,13 @@ def fit_combined_gate_command(
         err.print(
             f"  towards refusal at P(harmful) >= {gate.towards_threshold:.3f}, stage 1 unflagged: "
             + ", ".join(f"{name} {n}/{of}" for name, (n, of) in towards.items())
+        )
+    if gate.release_threshold is not None:
+        released, flagged = report["released"], report["flagged_by_stage1"]
+        err.print(
+            f"  released from stage 1's flag under P(harmful) {gate.release_threshold:.3f}: "
+            + ", ".join(
+                f"{name} {n}/{flagged[name][0]} flagged" for name, (n, _) in released.items()
+            )
         )
     err.print(f"({time.perf_counter() - started:.0f} s)")

@@ -109,6 +109,7 @@ class MethodOutput:
     steered: bool | None = None  # scans+safeswitch: steered away from refusal
     gate: float | None = None  # scans+safeswitch: the second gate's P(harmful), if one is used
     towards: bool | None = None  # scans+safeswitch: steered towards refusal (the gate's band)
+    released: bool | None = None  # scans+safeswitch: stage 1's flag vetoed by the gate
 
 
 OnBatch = Callable[[list[int], list[MethodOutput]], None]

@@ -132,6 +132,7 @@ def make_row(
         "steered": output.steered,
         "gate": output.gate,
         "towards": output.towards,
+        "released": output.released,
         "sigma": None if decision is None else decision.sigma,
         # the refusal gate's P(the model refuses), when the SCANS artifact has one
         "refusal_probability": None

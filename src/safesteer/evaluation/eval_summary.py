@@ -99,12 +99,16 @@ def response_lengths(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, floa
 
 def interventions(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Per subset, how many rows a method acted on: ``flagged`` (SafeSwitch's refusal head took
-    over), ``steered`` (scans+safeswitch steered away from refusal) and ``towards`` (steered
-    towards it), out of ``n``. Only the columns a method records are counted; a method that
-    records none gets no entry."""
+    over), ``steered`` (scans+safeswitch steered away from refusal), ``towards`` (steered
+    towards it) and ``released`` (stage 1's flag vetoed by the second gate), out of ``n``.
+    Only the columns a method records are counted; a method that records none gets no entry."""
     counts: dict[str, dict[str, int]] = {}
     for r in rows:
-        acted = {k: r.get(k) for k in ("flagged", "steered", "towards") if r.get(k) is not None}
+        acted = {
+            k: r.get(k)
+            for k in ("flagged", "steered", "towards", "released")
+            if r.get(k) is not None
+        }
         if not acted:
             continue
         entry = counts.setdefault(r["subset"], {"n": 0})

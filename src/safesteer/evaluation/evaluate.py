@@ -128,6 +128,7 @@ def run_method(
                     getattr(r, "steered", None),
                     getattr(r, "gate", None),
                     getattr(r, "towards", None),
+                    getattr(r, "released", None),
                 )
                 for r in results
             ]

@@ -13,6 +13,9 @@ Per row, in one batched greedy generation with one prefill:
   - with a gate that has a towards threshold, rows stage 1 does not flag but the gate finds
     harmful enough are steered towards refusal (coefficient +1), as SCANS steers the rows it
     calls harmful;
+  - with a gate that has a release threshold, rows stage 1 flags but the gate finds clearly
+    benign are released: the refusal head never takes them over (and a fitted artifact's
+    steering threshold lies under its flag threshold, so they are not steered either);
   - the other rows stay unsteered; after ``n_decode`` tokens stage 2 asks whether
     the model is about to comply, and if so the refusal head takes over (as in SafeSwitch).
 To steer the last prompt token the cache is rolled back by one token after the prefill and that
@@ -62,15 +65,17 @@ class CombinedResult:
     stopped: bool
     gate: float | None = None  # the second gate's P(harmful), when one is used
     towards: bool = False  # steered towards refusal (a gate with a towards threshold)
+    released: bool = False  # stage 1's flag vetoed by the gate (a gate with a release threshold)
 
 
 class GateDecisions(NamedTuple):
-    """Per row of a batch: steered away from refusal, steered towards it, and the second gate's
-    P(harmful) (None without a gate)."""
+    """Per row of a batch: steered away from refusal, steered towards it, the second gate's
+    P(harmful) (None without a gate), and stage 1's flag vetoed by the gate."""
 
     steered: list[bool]
     towards: list[bool]
     gate: list[float | None]
+    released: list[bool]
 
 
 class CombinedBatch(NamedTuple):
@@ -110,7 +115,7 @@ def combined_batch(
     gates)`` is called once the gates have decided, before decoding (a server reads each row's
     decision from ``switcher`` as the row finishes)."""
     if not encoded:
-        return CombinedBatch(Generated([], []), [], GateDecisions([], [], []))
+        return CombinedBatch(Generated([], []), [], GateDecisions([], [], [], []))
     batch = left_pad(encoded, int(lm.tokenizer.pad_token_id), lm.device)
     width = batch.width
     cache = new_cache(lm, rollback=True)
@@ -121,14 +126,21 @@ def combined_batch(
         p1 = switcher.stage1_probabilities()
         benign = p1 < switch.settings.steering_threshold
         towards = torch.zeros_like(benign)
+        released = torch.zeros_like(benign)
         p_gate: list[float | None] = [None] * len(encoded)
         if gate is not None and second is not None:
             probabilities = gate.probabilities(second.stacked())
             p_gate = [float(p) for p in probabilities.tolist()]
             benign &= (probabilities < gate.threshold).to(benign.device)
-            towards = gate.towards(probabilities, p1 >= switch.settings.threshold1) & ~benign
+            flagged = p1 >= switch.settings.threshold1
+            towards = gate.towards(probabilities, flagged) & ~benign
+            released = gate.released(probabilities, flagged)
+            switcher.release(released)
         gates = GateDecisions(
-            [bool(b) for b in benign.tolist()], [bool(t) for t in towards.tolist()], p_gate
+            [bool(b) for b in benign.tolist()],
+            [bool(t) for t in towards.tolist()],
+            p_gate,
+            [bool(r) for r in released.tolist()],
         )
         if on_gate is not None:
             on_gate(switcher, gates)
@@ -182,6 +194,7 @@ def combined_generate(
                 generated.stopped[k],
                 gates.gate[k],
                 gates.towards[k],
+                gates.released[k],
             )
             batch.append(result)
             results[i] = result

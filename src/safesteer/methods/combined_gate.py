@@ -18,6 +18,13 @@ flag, whose gate P(harmful) reaches it, is steered towards refusal with the SCAN
 own move for rows it calls harmful), so harmful requests stage 1 misses need not rely on the
 model's own refusal. The threshold bounds the share of the validation set's scary-but-safe prompts
 at or above it (out-of-fold), the prompts where a false refusal is likeliest.
+
+Optionally (``release_budget``) the gate also has a *release* threshold: a row stage 1 flags, whose
+gate P(harmful) falls under it, is released, i.e. SafeSwitch's refusal head does not take it over
+and the model answers it unsteered. Stage 1 flags many scary-but-safe prompts (words like "kill"
+or "shoot"); an independent reader that is confident they are benign vetoes that flag. The
+threshold bounds the share of the validation harmful prompts that stage 1 flags whose out-of-fold
+P(harmful) falls under it.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from safesteer.methods.scans.calibration_cache import texts_sha256
 from safesteer.methods.scans.gate import ProbeGate, auroc, choose_gate, fit_probe, out_of_fold
 
 METHOD = "combined-gate"
+RELEASE_BUDGETS_REPORTED = (0.01, 0.02, 0.05, 0.1)
 FIT_COMMAND = "safesteer fit combined-gate --safeswitch-artifact DIR --out DIR"
 
 
@@ -64,6 +72,8 @@ class CombinedGate:
     report: dict[str, Any] = field(default_factory=dict)
     # rows stage 1 leaves unflagged are steered towards refusal at or above it (None: never)
     towards_threshold: float | None = None
+    # rows stage 1 flags are released (no refusal head) under it (None: never)
+    release_threshold: float | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -81,6 +91,7 @@ class CombinedGate:
             "layers": list(self.layers),
             "threshold": self.threshold,
             "towards_threshold": self.towards_threshold,
+            "release_threshold": self.release_threshold,
             **report,
         }
 
@@ -90,6 +101,13 @@ class CombinedGate:
         if self.towards_threshold is None:
             return torch.zeros_like(flagged, dtype=torch.bool)
         return ~flagged & (probabilities >= self.towards_threshold).to(flagged.device)
+
+    def released(self, probabilities: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+        """Rows whose stage-1 flag the gate vetoes: ``flagged`` and under the release threshold
+        (none without one)."""
+        if self.release_threshold is None:
+            return torch.zeros_like(flagged, dtype=torch.bool)
+        return flagged & (probabilities < self.release_threshold).to(flagged.device)
 
     def check_layout(self, switch: SafeSwitchArtifact) -> None:
         """Fail clearly when the gate was fitted under another prompt format than ``switch``."""
@@ -107,6 +125,7 @@ class CombinedGate:
             "kind": self.probe.kind,
             "threshold": self.threshold,
             "towards_threshold": self.towards_threshold,
+            "release_threshold": self.release_threshold,
             "system_prompt": self.system_prompt,
             "model_fingerprint": self.model_fingerprint,
             "report": self.report,
@@ -122,6 +141,7 @@ class CombinedGate:
         try:
             probe = ProbeGate.from_tensors(tensors, manifest["layers"], manifest["kind"])
             towards = manifest.get("towards_threshold")
+            release = manifest.get("release_threshold")
             return cls(
                 probe=probe,
                 threshold=float(manifest["threshold"]),
@@ -129,6 +149,7 @@ class CombinedGate:
                 model_fingerprint=manifest["model_fingerprint"],
                 report=manifest.get("report", {}),
                 towards_threshold=None if towards is None else float(towards),
+                release_threshold=None if release is None else float(release),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(
@@ -150,6 +171,7 @@ def fit_combined_gate(
     *,
     budget: float = 0.05,
     towards_budget: float | None = None,
+    release_budget: float | None = None,
     n_layers: int = 3,
     seed: int = 0,
     batch_size: int = 16,
@@ -161,8 +183,11 @@ def fit_combined_gate(
     fall under the threshold. The report compares, on the validation set, the rows stage 1 alone
     would steer with the rows both gates would steer. ``towards_budget``: the largest share of
     validation scary-but-safe prompts whose out-of-fold P(harmful) may reach the towards threshold
-    (None: no towards steering)."""
-    for name, value in (("budget", budget), ("towards_budget", towards_budget)):
+    (None: no towards steering). ``release_budget``: the largest share of the validation harmful
+    prompts stage 1 flags whose out-of-fold P(harmful) may fall under the release threshold (None:
+    stage 1's flags stand)."""
+    budgets = {"budget": budget, "towards_budget": towards_budget, "release_budget": release_budget}
+    for name, value in budgets.items():
         if value is not None and not 0.0 <= value < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
     require_two_stage(switch)
@@ -195,6 +220,12 @@ def fit_combined_gate(
         if not scary.any():
             raise ValueError("towards_budget needs scary-but-safe (not plain) validation prompts")
         towards = false_flag_threshold(val_p[scary].tolist(), towards_budget)
+    flagged = stage1.numpy() >= switch.settings.threshold1
+    release = None
+    if release_budget is not None:
+        if not (flagged & val_harmful).any():
+            raise ValueError("release_budget needs validation harmful prompts that stage 1 flags")
+        release = budget_threshold(val_p[flagged & val_harmful].tolist(), release_budget)
     report = {
         "budget": budget,
         "c": choice.c,
@@ -208,11 +239,22 @@ def fit_combined_gate(
         "steered_with_gate": _shares(by_stage1 & (val_p < threshold), groups),
         "stage1_steering_threshold": switch.settings.steering_threshold,
     }
+    if towards is not None or release is not None:
+        report["flagged_by_stage1"] = _shares(flagged, groups)
     if towards is not None:
-        unflagged = stage1.numpy() < switch.settings.threshold1
         report["towards_budget"] = towards_budget
-        report["steered_towards"] = _shares(unflagged & (val_p >= towards), groups)
-        report["flagged_by_stage1"] = _shares(~unflagged, groups)
+        report["steered_towards"] = _shares(~flagged & (val_p >= towards), groups)
+    if release is not None:
+        report["release_budget"] = release_budget
+        report["released"] = _shares(flagged & (val_p < release), groups)
+        # what other budgets would release, for choosing one on the validation set
+        report["release_by_budget"] = {
+            str(b): _shares(
+                flagged & (val_p < budget_threshold(val_p[flagged & val_harmful].tolist(), b)),
+                groups,
+            )
+            for b in RELEASE_BUDGETS_REPORTED
+        }
     return CombinedGate(
         probe,
         threshold,
@@ -220,4 +262,5 @@ def fit_combined_gate(
         lm.fingerprint(),
         report,
         towards_threshold=towards,
+        release_threshold=release,
     )

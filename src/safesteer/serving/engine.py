@@ -342,7 +342,11 @@ class Engine:
                 **(
                     {}
                     if self.combined_gate is None
-                    else {"gate": gates.gate[row], "towards": gates.towards[row]}
+                    else {
+                        "gate": gates.gate[row],
+                        "towards": gates.towards[row],
+                        "released": gates.released[row],
+                    }
                 ),
             }
 

@@ -71,6 +71,7 @@ class Switcher(TrackedHooks):
 
     ``always_on`` flags every row from the first new token without running the probers (the
     "refusal head always on" baseline); ``apply=False`` decides but never switches.
+    :meth:`release` vetoes stage 1's flag for some rows before the switch point.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class Switcher(TrackedHooks):
         self.stage1_prob: torch.Tensor | None = None
         self.stage2_prob: torch.Tensor | None = None  # NaN where stage 2 did not run
         self.flagged: torch.Tensor | None = None
+        self._released: torch.Tensor | None = None
         self._stage1_state: torch.Tensor | None = None
         self._stage2_state: torch.Tensor | None = None
         self._weight = artifact.refusal_weight(lm) if apply else None
@@ -134,6 +136,15 @@ class Switcher(TrackedHooks):
             raise RuntimeError("the stage-1 state was not recorded; was the prefill hooked?")
         return self.artifact.stage1.probability(self._stage1_state)
 
+    def release(self, rows: torch.Tensor) -> None:
+        """Veto stage 1's flag for ``rows`` (a boolean mask): they are never switched to the
+        refusal head. Call it after the prefill and before the switch point."""
+        if self.flagged is not None:
+            raise RuntimeError("release() after the switch decision has been taken")
+        if rows.shape != (self.rows,):
+            raise ValueError(f"release() needs a mask of {self.rows} rows, got {tuple(rows.shape)}")
+        self._released = rows.bool()
+
     def _decide(self, device: torch.device) -> None:
         rows = self.rows
         if self.always_on:
@@ -146,6 +157,8 @@ class Switcher(TrackedHooks):
         p1 = self.artifact.stage1.probability(self._stage1_state).to(device)
         self.stage1_prob = p1
         fired = p1 >= self.settings.threshold1
+        if self._released is not None:
+            fired &= ~self._released.to(device)
         if self.settings.mode == "direct":
             self.flagged = fired
             return
