@@ -132,7 +132,7 @@ def combined_batch(
             probabilities = gate.probabilities(second.stacked())
             p_gate = [float(p) for p in probabilities.tolist()]
             benign &= (probabilities < gate.threshold).to(benign.device)
-            flagged = p1 >= switch.settings.threshold1
+            flagged = switch.settings.stage1_flags(p1)
             towards = gate.towards(probabilities, flagged) & ~benign
             released = gate.released(probabilities, flagged)
             switcher.release(released)

@@ -220,7 +220,7 @@ def fit_combined_gate(
         if not scary.any():
             raise ValueError("towards_budget needs scary-but-safe (not plain) validation prompts")
         towards = false_flag_threshold(val_p[scary].tolist(), towards_budget)
-    flagged = stage1.numpy() >= switch.settings.threshold1
+    flagged = switch.settings.stage1_flags(stage1).numpy()
     release = None
     if release_budget is not None:
         if not (flagged & val_harmful).any():

@@ -156,7 +156,7 @@ class Switcher(TrackedHooks):
             raise RuntimeError(f"switcher set up for {rows} rows, batch has a different size")
         p1 = self.artifact.stage1.probability(self._stage1_state).to(device)
         self.stage1_prob = p1
-        fired = p1 >= self.settings.threshold1
+        fired = self.settings.stage1_flags(p1)
         if self._released is not None:
             fired &= ~self._released.to(device)
         if self.settings.mode == "direct":

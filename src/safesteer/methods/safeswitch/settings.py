@@ -57,6 +57,10 @@ class SafeSwitchSettings:
         """Generated tokens before the head may switch (0: from the first new token)."""
         return self.n_decode if self.mode == "two-stage" else 0
 
+    def stage1_flags(self, stage1: torch.Tensor) -> torch.Tensor:
+        """Rows stage 1 (or the direct prober) flags: P at or above ``threshold1``."""
+        return stage1 >= self.threshold1
+
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
         return asdict(self)
