@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from safesteer.evaluation.compare import collect, compare, markdown
-from safesteer.evaluation.paired import paired_changes, paired_markdown, sign_test_p
+from safesteer.evaluation.paired import (
+    paired_changes,
+    paired_markdown,
+    relative_change,
+    sign_test_p,
+)
 
 
 def _folder(root: Path, name: str, rows: list[tuple[str, str, str, bool]]) -> str:
@@ -132,11 +137,36 @@ def test_paired_counts_match_prompts_by_text_across_runs(tmp_path: Path) -> None
         "refused_by_baseline_only": 1,
         "refused_by_method_only": 0,
         "sign_test_p": 1.0,
+        "refused_by_baseline": 2,
+        "refused_by_method": 1,
+        "change": -0.5,
+        "change_ci": paired["xstest-unsafe"]["change_ci"],
     }
     assert paired["all safe"]["refused_by_baseline_only"] == 1
     assert paired["all unsafe"]["n"] == 2
     text = paired_markdown({"combined": paired}, "safeswitch")
-    assert "| combined | xstest-safe | 1 | 1 | 0 | 1 |" in text
+    assert "| combined | xstest-safe | 1 | 1 | 0 | 1 | 1 → 0 | -100.0 [-100.0, -100.0] |" in text
     table = compare([first, str(second)], "strict", n_boot=0, paired_against="safeswitch")
-    assert table["paired"] == {"baseline": "safeswitch", "methods": {"combined": paired}}
-    assert markdown(table).endswith(text)
+    unbooted = table["paired"]["methods"]["combined"]
+    assert unbooted["xstest-unsafe"]["change_ci"] is None  # --bootstrap 0: no intervals
+    assert {k: {**v, "change_ci": None} for k, v in paired.items()} == unbooted
+    assert "| combined | xstest-safe | 1 | 1 | 0 | 1 | 1 → 0 | -100.0 |" in markdown(table)
+
+
+def test_relative_change_and_its_paired_interval() -> None:
+    # 40 prompts: the baseline refuses 20, the method 12 (10 of the same, 2 others)
+    baseline = [True] * 20 + [False] * 20
+    method = [True] * 10 + [False] * 10 + [True] * 2 + [False] * 18
+    cell = relative_change(baseline, method, n_boot=2000, seed=1)
+    assert (cell["refused_by_baseline"], cell["refused_by_method"]) == (20, 12)
+    assert cell["change"] == pytest.approx(-0.4)
+    low, high = cell["change_ci"]
+    assert -1.0 <= low < -0.4 < high < 0.0  # fewer refusals, clearly
+    assert relative_change(baseline, method, n_boot=2000, seed=1) == cell  # seeded
+    same = relative_change(baseline, baseline, n_boot=200)
+    assert same["change"] == 0.0 and same["change_ci"] == [0.0, 0.0]
+    none = relative_change([False, False], [True, False])
+    assert none["change"] is None and none["change_ci"] is None
+    assert relative_change(baseline, method, n_boot=0)["change_ci"] is None
+    with pytest.raises(ValueError, match="same length"):
+        relative_change([True], [True, False])

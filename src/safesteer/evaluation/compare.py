@@ -103,7 +103,7 @@ def compare(
             f"{', '.join(found) or 'none'} (pass one with --judge)"
         )
     if paired_against is not None:
-        paired = paired_changes(collected, paired_against, judge)
+        paired = paired_changes(collected, paired_against, judge, n_boot, seed)
         table["paired"] = {"baseline": paired_against, "methods": paired}
     for method, rows in collected.items():
         subsets: dict[str, list[dict[str, Any]]] = defaultdict(list)
