@@ -191,14 +191,22 @@ def test_towards_band_steers_unflagged_rows_towards_refusal(
     assert row["towards"] is True
 
 
-def test_rows_stage1_flags_are_never_steered_towards(
-    lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate
-) -> None:
+def _flagging_half(
+    lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact
+) -> tuple[list[list[int]], float, SafeSwitchArtifact]:
+    """The encoded queries, a stage-1 threshold between their middle two P(harmful), and
+    ``switch`` flagging from it (half the rows; stage 2 always passes)."""
     encoded = _encoded(lm, switch)
     _, decisions, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
     p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
     middle = (p1[2] + p1[3]) / 2
-    flagging = switch.with_settings(threshold1=middle, steer_below=None)
+    return encoded, middle, switch.with_settings(threshold1=middle, steer_below=None)
+
+
+def test_rows_stage1_flags_are_never_steered_towards(
+    lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate
+) -> None:
+    encoded, middle, flagging = _flagging_half(lm, switch, scans)
     everyone = dataclasses.replace(gate, threshold=-1.0, towards_threshold=-1.0)  # none benign
     _, decisions, gates = combined_batch(lm, flagging, scans, encoded, CONFIG, gate=everyone)
     assert not any(gates.steered)
@@ -209,11 +217,8 @@ def test_rows_stage1_flags_are_never_steered_towards(
 def test_release_hands_flagged_rows_back_to_the_model(
     lm: LoadedModel, switch: SafeSwitchArtifact, scans: ScansArtifact, gate: CombinedGate
 ) -> None:
-    encoded = _encoded(lm, switch)
+    encoded, middle, flagging = _flagging_half(lm, switch, scans)
     _, decisions, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
-    p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
-    middle = (p1[2] + p1[3]) / 2
-    flagging = switch.with_settings(threshold1=middle, steer_below=None)  # stage 2 always passes
     p_gate = _gate_probabilities(lm, gate, encoded)
     flagged_p = sorted(p for p, d in zip(p_gate, decisions, strict=True) if d.stage1 >= middle)
     release_below = (flagged_p[0] + flagged_p[1]) / 2  # releases one of the flagged rows
@@ -250,6 +255,14 @@ def test_release_hands_flagged_rows_back_to_the_model(
         switcher.release(torch.zeros(3, dtype=torch.bool))
 
 
+def _assert_round_trip(path: Path, lm: LoadedModel, gate: CombinedGate, field: str) -> None:
+    """``field`` of ``gate`` survives save and load, and the summary a run records shows it."""
+    gate.save(path)
+    again = CombinedGate.load(path, lm)
+    assert getattr(again, field) == getattr(gate, field) is not None
+    assert again.summary()[field] == getattr(gate, field)
+
+
 def test_fit_bounds_the_flagged_harmful_rows_released(
     tmp_path: Path, lm: LoadedModel, switch: SafeSwitchArtifact
 ) -> None:
@@ -264,10 +277,7 @@ def test_fit_bounds_the_flagged_harmful_rows_released(
     assert report["released"]["safe"][1] == 6 and report["release_budget"] == 0.5
     curve = report["release_by_budget"]
     assert [curve[b]["unsafe"][0] for b in curve] == sorted(curve[b]["unsafe"][0] for b in curve)
-    releasing.save(tmp_path / "gate")
-    again = CombinedGate.load(tmp_path / "gate", lm)
-    assert again.release_threshold == releasing.release_threshold
-    assert again.summary()["release_threshold"] == releasing.release_threshold
+    _assert_round_trip(tmp_path / "gate", lm, releasing, "release_threshold")
     with pytest.raises(ValueError, match="release_budget"):
         fit_combined_gate(lm, flag_all, HARMFUL, BENIGN, VALIDATION, release_budget=1.0)
     with pytest.raises(ValueError, match="that stage 1 flags"):  # the fixture flags nothing
@@ -285,10 +295,7 @@ def test_fit_bounds_the_scary_safe_rows_steered_towards(
     assert towards["safe, not plain"][0] <= math.floor(0.5 * 2)  # 2 scary-but-safe prompts
     assert towards["safe, not plain"][1] == 2 and banded.report["towards_budget"] == 0.5
     assert banded.report["flagged_by_stage1"]["unsafe"] == [0, 6]
-    banded.save(tmp_path / "gate")
-    again = CombinedGate.load(tmp_path / "gate", lm)
-    assert again.towards_threshold == banded.towards_threshold
-    assert again.summary()["towards_threshold"] == banded.towards_threshold
+    _assert_round_trip(tmp_path / "gate", lm, banded, "towards_threshold")
     with pytest.raises(ValueError, match="towards_budget"):
         fit_combined_gate(lm, switch, HARMFUL, BENIGN, VALIDATION, towards_budget=1.0)
     plain_only = [p for p in VALIDATION if p.meta["kind"] != "scary"]
