@@ -71,7 +71,7 @@ def test_benign_rows_are_steered_and_flagged_rows_switch(
 ) -> None:
     switch = _mixed(lm)
     encoded = _encoded(lm, switch)
-    generated, decisions, (steered, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
+    generated, decisions, (steered, _, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
     assert any(steered) and not all(steered)
     switched, base_decisions = switched_generate_ids(lm, switch, encoded, CONFIG)
     away = scans_generate(
@@ -98,9 +98,9 @@ def test_benign_rows_are_steered_and_flagged_rows_switch(
 def test_combined_batch_equals_rows_alone(lm: LoadedModel, scans: ScansArtifact) -> None:
     switch = _mixed(lm)
     encoded = _encoded(lm, switch)
-    generated, decisions, (steered, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
+    generated, decisions, (steered, _, _, _) = combined_batch(lm, switch, scans, encoded, CONFIG)
     for row, ids in enumerate(encoded):
-        alone, (decision,), ((was_steered,), _, _) = combined_batch(
+        alone, (decision,), ((was_steered,), _, _, _) = combined_batch(
             lm, switch, scans, [ids], CONFIG
         )
         assert alone.token_ids[0] == generated.token_ids[row]
@@ -128,7 +128,7 @@ def test_steering_threshold_below_stage1_leaves_unsure_rows_alone(
     _, decisions, _ = combined_batch(lm, switch, scans, encoded, CONFIG)
     p1 = sorted(d.stage1 for d in decisions if d.stage1 is not None)
     strict = switch.with_settings(steer_below=(p1[0] + p1[1]) / 2)  # only the clearest row
-    generated, decisions, (steered, _, _) = combined_batch(lm, strict, scans, encoded, CONFIG)
+    generated, decisions, (steered, _, _, _) = combined_batch(lm, strict, scans, encoded, CONFIG)
     assert sum(steered) == 1
     switched, _ = switched_generate_ids(lm, strict, encoded, CONFIG)
     for row, decision in enumerate(decisions):
