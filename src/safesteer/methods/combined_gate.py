@@ -221,11 +221,12 @@ def fit_combined_gate(
             raise ValueError("towards_budget needs scary-but-safe (not plain) validation prompts")
         towards = false_flag_threshold(val_p[scary].tolist(), towards_budget)
     flagged = switch.settings.stage1_flags(stage1).numpy()
+    flagged_harmful_p = val_p[flagged & val_harmful].tolist()
     release = None
     if release_budget is not None:
-        if not (flagged & val_harmful).any():
+        if not flagged_harmful_p:
             raise ValueError("release_budget needs validation harmful prompts that stage 1 flags")
-        release = budget_threshold(val_p[flagged & val_harmful].tolist(), release_budget)
+        release = budget_threshold(flagged_harmful_p, release_budget)
     report = {
         "budget": budget,
         "c": choice.c,
@@ -249,10 +250,7 @@ def fit_combined_gate(
         report["released"] = _shares(flagged & (val_p < release), groups)
         # what other budgets would release, for choosing one on the validation set
         report["release_by_budget"] = {
-            str(b): _shares(
-                flagged & (val_p < budget_threshold(val_p[flagged & val_harmful].tolist(), b)),
-                groups,
-            )
+            str(b): _shares(flagged & (val_p < budget_threshold(flagged_harmful_p, b)), groups)
             for b in RELEASE_BUDGETS_REPORTED
         }
     return CombinedGate(
