@@ -51,9 +51,10 @@ def _complete_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _finish(args: list[str]) -> None:
+def _finish(args: list[str]) -> str:
     result = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def _key(row: dict[str, Any]) -> tuple[str, int]:
@@ -100,7 +101,9 @@ def _kill_resume_compare(
     assert 2 <= len(before) < total
     assert not (killed / "summary.json").exists()
 
-    _finish(_args(model, killed, limit, tokens))  # resume
+    log = _finish(_args(model, killed, limit, tokens))  # resume
+    # stderr is a pipe, not a terminal: the progress bar leaves a plain status line at the end
+    assert f"/{total} (100.0 %)" in log, log[-2000:]
     _uninterrupted(lm, whole, limit, tokens)
     resumed = [json.loads(line) for line in _lines(responses)]
     reference = [json.loads(line) for line in _lines(whole / "responses.jsonl")]

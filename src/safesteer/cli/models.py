@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from safesteer.cli.common import err
 from safesteer.core.errors import ModelLoadError
+from safesteer.core.progress import row_progress
 from safesteer.models import SOURCES, FetchError, fetch_model, require_source
 from safesteer.models.sources import cache_root, disk_bytes, is_cached
 
@@ -72,15 +72,8 @@ def fetch_command(
         source = require_source(name)
         assert source.split is not None or source.kind != "fetched"
         total = source.split.parts if source.split is not None else 1
-        with Progress(
-            TextColumn(f"[bold]fetching {source.name}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("parts"),
-            TimeElapsedColumn(),
-            console=err,
-        ) as progress:
-            task = progress.add_task("fetch", total=total)
+        with row_progress(err, unit="parts") as progress:
+            task = progress.add_task(f"fetching {source.name}", total=total)
             path = fetch_model(
                 source,
                 wheel_dir=wheel_dir,

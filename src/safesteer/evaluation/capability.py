@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.nn import functional as F
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from safesteer.core.activations import forward
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout
+from safesteer.core.progress import LoggedProgress, row_progress
 from safesteer.core.steering import steering
 from safesteer.datasets.readers import MMLU_LETTERS
 from safesteer.datasets.registry import dataset_path
@@ -156,14 +156,8 @@ def _intervention_info(
     return {**intervention.describe(), "coefficients": log.summary()}
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not enabled,
-    )
+def _progress(enabled: bool) -> LoggedProgress:
+    return row_progress(enabled=enabled)
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:

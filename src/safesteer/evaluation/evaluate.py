@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from safesteer import __version__
 from safesteer.core.generation import GenerationConfig, generate_batched
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
+from safesteer.core.progress import row_progress
 from safesteer.evaluation.capability_suite import (
     CAPABILITY_METHODS,
     CapabilitySettings,
@@ -350,13 +350,7 @@ def _evaluate(options: EvalOptions, lm: LoadedModel | None, *, show: bool) -> di
     total = len(prompts) * len(options.methods)
     with (
         responses_path.open("a") as handle,
-        Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        row_progress(console) as progress,
     ):
         done = sum(1 for m in options.methods for i in range(len(prompts)) if (m, i) in rows)
         task = progress.add_task("evaluating", total=total, completed=done)

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from safesteer import __version__
 from safesteer.core.generation import GenerationConfig
 from safesteer.core.handle import LoadedModel
+from safesteer.core.progress import row_progress
 from safesteer.datasets import Prompt, load_test_set, stratified_sample
 from safesteer.evaluation.judges.keyword import PaperJudge, StrictJudge
 from safesteer.evaluation.metrics import classifier_metrics, count_empty, pooled_avg, refusal_rates
@@ -245,15 +245,9 @@ def _run(options: RunOptions, lm: LoadedModel | None) -> dict[str, Any]:
     rows = dict(done)
     with (
         responses_path.open("a") as handle,
-        Progress(
-            TextColumn("[bold]generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
+        row_progress(console) as progress,
     ):
-        task = progress.add_task("generate", total=len(prompts), completed=len(done))
+        task = progress.add_task("generating", total=len(prompts), completed=len(done))
 
         def write(indices: list[int], results: list[ScansResult]) -> None:
             for local, result in zip(indices, results, strict=True):
