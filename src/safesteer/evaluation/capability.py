@@ -31,7 +31,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from safesteer.core.activations import forward
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import Batch, ChatLayout
-from safesteer.core.progress import LoggedProgress, row_progress
+from safesteer.core.progress import row_progress
 from safesteer.core.steering import steering
 from safesteer.datasets.readers import MMLU_LETTERS
 from safesteer.datasets.registry import dataset_path
@@ -154,10 +154,6 @@ def _intervention_info(
     if intervention is None:
         return None
     return {**intervention.describe(), "coefficients": log.summary()}
-
-
-def _progress(enabled: bool) -> LoggedProgress:
-    return row_progress(enabled=enabled)
 
 
 def _chunks(n: int, size: int) -> Iterator[range]:
@@ -345,7 +341,7 @@ def perplexity(
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     log = _CoefficientLog()
     total_nll, n_tokens = 0.0, 0
-    with _progress(progress) as bar:
+    with row_progress(enabled=progress) as bar:
         task = bar.add_task(f"perplexity ({variant})", total=len(rows))
         for chunk in _chunks(len(rows), batch_size):
             part = [rows[i] for i in chunk]

@@ -13,6 +13,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from safesteer.core.activations import forward
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import left_pad
+from safesteer.core.progress import row_progress
 from safesteer.datasets.readers import MMLU_LETTERS, read_mmlu_csv
 from safesteer.datasets.registry import DatasetError, dataset_path
 from safesteer.evaluation.capability import (
@@ -21,7 +22,6 @@ from safesteer.evaluation.capability import (
     _CoefficientLog,
     _encode,
     _intervention_info,
-    _progress,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def mmlu(
     predictions: list[int] = [-1] * len(items)
     log = _CoefficientLog()
     answer_index = torch.tensor(answer_ids)
-    with _progress(progress) as bar:
+    with row_progress(enabled=progress) as bar:
         task = bar.add_task("mmlu", total=len(items))
         for chunk in _chunks(len(order), batch_size):
             part = [order[i] for i in chunk]

@@ -13,6 +13,7 @@ import torch
 from safesteer.core.generation import GenerationConfig, generate_ids
 from safesteer.core.handle import LoadedModel
 from safesteer.core.layout import ChatLayout
+from safesteer.core.progress import row_progress
 from safesteer.datasets.registry import DatasetError, dataset_path
 from safesteer.evaluation.capability import (
     ROUGE_TYPES,
@@ -23,7 +24,6 @@ from safesteer.evaluation.capability import (
     _decode,
     _encode,
     _intervention_info,
-    _progress,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def xsum(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     summaries: list[str] = [""] * len(prompts)
     log = _CoefficientLog()
-    with _progress(progress) as bar:
+    with row_progress(enabled=progress) as bar:
         task = bar.add_task("xsum", total=len(prompts))
         for chunk in _chunks(len(order), batch_size):
             part = [order[i] for i in chunk]
