@@ -113,6 +113,13 @@ def _eval(env: Env, *extra: str) -> list[str]:
     return [*base, "--output-dir", str(env.out), *extra]
 
 
+def _stage1_threshold(env: Env, *extra: str) -> list[str]:
+    """``fit safeswitch-threshold`` on the tiny model; ``env.artifact`` is a SCANS artifact."""
+    base = ["fit", "safeswitch-threshold", "--model", str(env.model)]
+    base += ["--safeswitch-artifact", str(env.artifact), "--out", str(env.out)]
+    return [*base, *extra]
+
+
 def _broken_artifact(env: Env, name: str, change: Callable[[Path], None]) -> str:
     target = env.root / "broken" / name
     if not target.exists():
@@ -163,6 +170,31 @@ CASES: list[tuple[str, Args, str]] = [
         "fit-safeswitch-harmless-budget-1",
         lambda e: ["fit", "safeswitch", "--out", str(e.out), "--harmless-budget", "1"],
         r"--harmless-budget must be in \[0, 1\), got 1.0",
+    ),
+    (
+        "fit-safeswitch-pool-without-budget",
+        lambda e: ["fit", "safeswitch", "--out", str(e.out), "--pool-per-source", "10"],
+        r"--pool-per-source needs --harmless-budget",
+    ),
+    (
+        "fit-safeswitch-threshold-budget-1",
+        lambda e: _stage1_threshold(e, "--harmless-budget", "1"),
+        r"--harmless-budget must be in \[0, 1\), got 1.0",
+    ),
+    (
+        "fit-safeswitch-threshold-out-is-input",
+        lambda e: _stage1_threshold(e, "--out", str(e.artifact)),
+        r"--out must differ from --safeswitch-artifact",
+    ),
+    (
+        "fit-safeswitch-threshold-exclude-not-a-run",
+        lambda e: _stage1_threshold(e, "--exclude-run", str(e.root)),
+        r"is not an eval output folder: no responses.jsonl in it",
+    ),
+    (
+        "fit-safeswitch-threshold-scans-artifact",
+        lambda e: _stage1_threshold(e),
+        r"'scans' artifact, not 'safeswitch'",
     ),
     (
         "calibrate-threshold-range-reversed",

@@ -22,6 +22,7 @@ from safesteer.cli.organism import organism_app
 from safesteer.cli.run import fit_scans_command, generate, run
 from safesteer.cli.safeswitch import chat_command, fit_safeswitch_command
 from safesteer.cli.serve import serve_command
+from safesteer.cli.stage1_threshold import fit_safeswitch_threshold_command
 
 app = typer.Typer(
     help="Make chat models refuse what they should and answer what they should.",
@@ -42,6 +43,7 @@ app.command("serve")(serve_command)
 app.command()(run)
 fit_app.command("scans")(fit_scans_command)
 fit_app.command("combined-gate")(fit_combined_gate_command)
+fit_app.command("safeswitch-threshold")(fit_safeswitch_threshold_command)
 app.command()(generate)
 app.command("eval")(eval_command)
 app.command()(demo)

@@ -26,6 +26,7 @@ from safesteer.cli.common import (
     resolve_device,
     user_errors,
 )
+from safesteer.cli.stage1_threshold import print_pool_report
 
 
 def fit_safeswitch_command(
@@ -76,6 +77,14 @@ def fit_safeswitch_command(
             "its threshold is raised to meet it (e.g. 0.02). Default: no bound."
         ),
     ] = None,
+    pool_per_source: Annotated[
+        int | None,
+        typer.Option(
+            help="With --harmless-budget: also bound stage 1 per harmless source on a held-out "
+            "pool of this many prompts per training source that the fit never read (prefill "
+            "only; see `fit safeswitch-threshold`). Default: the validation split only."
+        ),
+    ] = None,
     n_decode: Annotated[int, typer.Option(help="Pilot tokens before stage 2 and the switch.")] = 3,
     label_tokens: Annotated[int, typer.Option(help="Tokens of each answer the judge labels.")] = 48,
     lr: Annotated[float, typer.Option(help="Prober learning rate (AdamW).")] = 1e-3,
@@ -117,6 +126,7 @@ def fit_safeswitch_command(
     from safesteer.methods.safeswitch.head import HeadConfig
     from safesteer.methods.safeswitch.probe import ProberConfig, plot_sweep
     from safesteer.methods.safeswitch.settings import MODES
+    from safesteer.methods.safeswitch.stage1_pool import calibrate_stage1
     from safesteer.methods.safeswitch.train import (
         THRESHOLD_CHOICES,
         WRITTEN_CHOICES,
@@ -142,6 +152,12 @@ def fit_safeswitch_command(
         raise typer.Exit(2)
     if harmless_budget is not None and not 0.0 <= harmless_budget < 1.0:
         err.print(f"[red]error:[/red] --harmless-budget must be in [0, 1), got {harmless_budget}")
+        raise typer.Exit(2)
+    if pool_per_source is not None and (harmless_budget is None or pool_per_source < 1):
+        err.print(
+            "[red]error:[/red] --pool-per-source needs --harmless-budget and at least 1 prompt, "
+            f"got {pool_per_source}"
+        )
         raise typer.Exit(2)
     if not head_repetition_penalty > 0:
         err.print(
@@ -202,12 +218,25 @@ def fit_safeswitch_command(
                 data_report=data.report,
                 progress=progress,
             )
+            if pool_per_source is not None and harmless_budget is not None:
+                artifact = calibrate_stage1(
+                    lm,
+                    artifact,
+                    harmless_budget,
+                    data_dir=data_dir,
+                    per_source=pool_per_source,
+                    seed=seed,
+                    batch_size=batch_size,
+                    progress=progress,
+                )
         artifact.save(out)
         label = artifact.report["sweep_label"]
         png = plot_sweep(
             artifact.report["sweep"], Path(out) / "layer_sweep.png", f"prober per layer: {label}"
         )
     _print_fit_summary(artifact.report, artifact.settings.to_json(), out, png)
+    if "stage1_pool" in artifact.report:
+        print_pool_report(artifact.report["stage1_pool"], out)
     err.print(f"total {time.perf_counter() - started:.0f} s")
 
 

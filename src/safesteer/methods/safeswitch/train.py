@@ -126,20 +126,20 @@ def _source_prompts(
     return rows
 
 
-def load_training_prompts(
-    data_dir: str | Path | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    head_extra: int = 0,
-    written: WrittenChoice = "all",
-) -> TrainingData:
-    """Harmful and harmless training prompts (``limit``: half each, spread evenly over sources),
-    and up to ``head_extra`` further harmful ones (refusal head only; no labelling pass needed).
-    ``written``: all batches of the project's written prompts, or the first only.
+@dataclass
+class CleanPools:
+    """Every training source with evaluation prompts removed, keyed by (source, harmful)."""
 
-    Prompts whose normalised text appears in an evaluation set are dropped; the result is then
-    checked to share no text with any evaluation set that could be loaded.
-    """
+    pools: dict[tuple[str, bool], list[TrainingPrompt]]
+    removed: dict[tuple[str, bool], int]
+    eval_texts: set[str]  # normalised texts of every evaluation set that could be loaded
+    checked: list[str]
+    unchecked: list[str]
+
+
+def clean_pools(data_dir: str | Path | None = None, written: WrittenChoice = "all") -> CleanPools:
+    """Every harmful and harmless training source, deduplicated, without any prompt whose
+    normalised text appears in an evaluation set (SCANS' or SafeSwitch's)."""
     eval_texts: set[str] = set()
     checked: list[str] = []
     unchecked: list[str] = []
@@ -168,6 +168,26 @@ def load_training_prompts(
                 kept.append(_to_training(prompt, harmful, source))
             pools[(source, harmful)] = kept
             removed[(source, harmful)] = dropped
+    return CleanPools(pools, removed, eval_texts, checked, unchecked)
+
+
+def load_training_prompts(
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    head_extra: int = 0,
+    written: WrittenChoice = "all",
+) -> TrainingData:
+    """Harmful and harmless training prompts (``limit``: half each, spread evenly over sources),
+    and up to ``head_extra`` further harmful ones (refusal head only; no labelling pass needed).
+    ``written``: all batches of the project's written prompts, or the first only.
+
+    Prompts whose normalised text appears in an evaluation set are dropped; the result is then
+    checked to share no text with any evaluation set that could be loaded.
+    """
+    clean = clean_pools(data_dir, written)
+    pools, removed, eval_texts = clean.pools, clean.removed, clean.eval_texts
+    checked, unchecked = clean.checked, clean.unchecked
     rng = random.Random(seed)
     chosen: list[TrainingPrompt] = []
     for sources, harmful, share in (
