@@ -159,3 +159,30 @@ def test_command_writes_a_bounded_copy_and_keeps_tested_rows_out(
     assert bounded.settings.threshold1 > 0.0
     assert SafeSwitchArtifact.load(tmp_path / "v1", lm).settings.threshold1 == 0.0
     assert not {sha256_text(p.text) for p in tested} & bounded.training_hashes()
+
+
+def test_fit_with_a_pool_bounds_stage1_in_the_same_command(
+    tokenizer: PreTrainedTokenizerFast, shared_data: Path, tmp_path: Path
+) -> None:
+    from safesteer.models import load_model
+
+    folder = tmp_path / "model"
+    tiny = build_tiny("llama", tokenizer, seed=4)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    args = ["fit", "safeswitch", "--model", str(folder), "--data-dir", str(shared_data)]
+    args += ["--limit", "24", "--harmless-budget", "0.1", "--pool-per-source", "3"]
+    args += ["--head-prompts", "4", "--head-epochs", "1", "--label-tokens", "4"]
+    args += ["--batch-size", "8", "--out", str(tmp_path / "ss")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    fitted = SafeSwitchArtifact.load(tmp_path / "ss", load_model(str(folder)))
+    pool = fitted.report["stage1_pool"]
+    assert fitted.settings.threshold1 == pool["threshold"] >= pool["threshold_before"]
+    assert pool["threshold_before"] == fitted.report["stage1_false_flags"]["threshold"]
+    drawn = fitted.training["stage1_pool"]["drawn"]
+    assert drawn["harmful"] == dict.fromkeys(HARMFUL_SOURCES, 3)
+    n_pool = sum(n for side in drawn.values() for n in side.values())
+    counts = fitted.training["counts"]
+    head_only = counts["head_prompts"] - counts["head_prompts_with_pilot_available"]
+    assert len(fitted.training_hashes()) == counts["prompts"] + head_only + n_pool
