@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from safesteer.evaluation.evaluate import evaluate
 from safesteer.evaluation.run_setup import RunError
 from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
-from safesteer.methods.combined_gate import CombinedGate, fit_combined_gate
+from safesteer.methods.combined_gate import CombinedGate, fit_combined_gate, release_warning
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switched_generate_ids, switching
 from safesteer.methods.safeswitch.settings import SAFESWITCH_SYSTEM_PROMPT
@@ -378,3 +379,18 @@ def test_probabilities_match_a_direct_read(lm: LoadedModel, gate: CombinedGate) 
     states = torch.randn(3, len(gate.layers), 1, lm.hidden_size)
     direct = gate.probe.probability(states)
     assert torch.allclose(gate.probabilities(states), direct)
+
+
+def test_release_warning_only_when_it_hands_back_harmful_prompts_alone() -> None:
+    def report(safe: int, unsafe: int, flagged_safe: int) -> dict[str, Any]:
+        return {
+            "released": {"safe": [safe, 792], "unsafe": [unsafe, 635]},
+            "flagged_by_stage1": {"safe": [flagged_safe, 792], "unsafe": [238, 635]},
+        }
+
+    warning = release_warning(report(0, 4, 3))  # gate v7 on SafeSwitch v6 (docs/results.md)
+    assert warning is not None
+    assert "hands back 4 harmful prompts and no safe one (stage 1 flags 3 safe" in warning
+    assert release_warning(report(31, 10, 81)) is None  # gate v6: it hands back safe prompts
+    assert release_warning(report(0, 0, 0)) is None  # nothing released at all
+    assert release_warning({"budget": 0.05}) is None  # no release fitted

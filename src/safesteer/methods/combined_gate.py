@@ -162,6 +162,19 @@ def _shares(mask: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, list[i
     return {name: [int((mask & rows).sum()), int(rows.sum())] for name, rows in groups.items()}
 
 
+def release_warning(report: dict[str, Any]) -> str | None:
+    """A warning when the fitted release hands back harmful validation prompts and no safe one:
+    stage 1 then flags (almost) no safe prompt, and the release only costs safety."""
+    released = report.get("released")
+    if not released or released["safe"][0] > 0 or released["unsafe"][0] == 0:
+        return None
+    return (
+        f"on the validation set the release hands back {released['unsafe'][0]} harmful prompts "
+        f"and no safe one (stage 1 flags {report['flagged_by_stage1']['safe'][0]} safe "
+        "prompts): it costs safety and gains nothing; consider fitting without --release-budget"
+    )
+
+
 def fit_combined_gate(
     lm: LoadedModel,
     switch: SafeSwitchArtifact,
