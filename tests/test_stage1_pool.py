@@ -32,6 +32,16 @@ from safesteer.methods.safeswitch.train import (
     TrainingPrompt,
     normalise,
 )
+from safesteer.models import load_model
+
+
+def _saved_tiny(tokenizer: PreTrainedTokenizerFast, tmp_path: Path, seed: int) -> Path:
+    """A tiny llama saved as an HF folder (what ``--model DIR`` loads)."""
+    folder = tmp_path / "model"
+    tiny = build_tiny("llama", tokenizer, seed=seed)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
 
 
 def _prompts(source: str, harmful: bool, n: int) -> list[TrainingPrompt]:
@@ -134,12 +144,7 @@ def test_calibrated_artifact_round_trip(
 def test_command_writes_a_bounded_copy_and_keeps_tested_rows_out(
     tokenizer: PreTrainedTokenizerFast, shared_data: Path, tmp_path: Path
 ) -> None:
-    from safesteer.models import load_model
-
-    folder = tmp_path / "model"
-    tiny = build_tiny("llama", tokenizer, seed=3)
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
+    folder = _saved_tiny(tokenizer, tmp_path, seed=3)
     lm = load_model(str(folder))
     random_switch(lm).with_settings(threshold1=0.0).save(tmp_path / "v1")
     tested = load_test_set("alpaca-eval", data_dir=shared_data)[:40]
@@ -164,12 +169,7 @@ def test_command_writes_a_bounded_copy_and_keeps_tested_rows_out(
 def test_fit_with_a_pool_bounds_stage1_in_the_same_command(
     tokenizer: PreTrainedTokenizerFast, shared_data: Path, tmp_path: Path
 ) -> None:
-    from safesteer.models import load_model
-
-    folder = tmp_path / "model"
-    tiny = build_tiny("llama", tokenizer, seed=4)
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
+    folder = _saved_tiny(tokenizer, tmp_path, seed=4)
     args = ["fit", "safeswitch", "--model", str(folder), "--data-dir", str(shared_data)]
     args += ["--limit", "24", "--harmless-budget", "0.1", "--pool-per-source", "3"]
     args += ["--head-prompts", "4", "--head-epochs", "1", "--label-tokens", "4"]
