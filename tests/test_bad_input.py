@@ -177,6 +177,14 @@ CASES: list[tuple[str, Args, str]] = [
         r"--pool-per-source needs --harmless-budget",
     ),
     (
+        "fit-safeswitch-pool-direct-mode",
+        lambda e: [
+            *["fit", "safeswitch", "--out", str(e.out), "--harmless-budget", "0.02"],
+            *["--pool-per-source", "10", "--mode", "direct"],
+        ],
+        r"--pool-per-source bounds stage 1 of --mode two-stage only",
+    ),
+    (
         "fit-safeswitch-threshold-budget-1",
         lambda e: _stage1_threshold(e, "--harmless-budget", "1"),
         r"--harmless-budget must be in \[0, 1\), got 1.0",

@@ -159,6 +159,9 @@ def fit_safeswitch_command(
             f"got {pool_per_source}"
         )
         raise typer.Exit(2)
+    if pool_per_source is not None and mode != "two-stage":
+        err.print("[red]error:[/red] --pool-per-source bounds stage 1 of --mode two-stage only")
+        raise typer.Exit(2)
     if not head_repetition_penalty > 0:
         err.print(
             "[red]error:[/red] --head-repetition-penalty must be positive (1.0: none), "
