@@ -387,6 +387,10 @@ def test_fit_artifact_round_trip_and_wrong_model(
     other = build_tiny("llama", tokenizer, seed=99)
     with pytest.raises(ArtifactError, match="fitted on"):
         SafeSwitchArtifact.load(tmp_path / "ss", other)
+    unchecked = SafeSwitchArtifact.load(tmp_path / "ss")  # loaded before any model
+    unchecked.check_fitted_on(lm, tmp_path / "ss")
+    with pytest.raises(ArtifactError, match="fitted on"):
+        unchecked.check_fitted_on(other, tmp_path / "ss")
     with pytest.raises(ArtifactError, match=r"not a safesteer artifact"):
         SafeSwitchArtifact.load(tmp_path / "missing", lm)
 

@@ -71,10 +71,10 @@ def fit_safeswitch_threshold_command(
     started = time.perf_counter()
     try:
         excluded = [text for run in exclude_run or [] for text in run_prompts(run)]
-        SafeSwitchArtifact.load(safeswitch_artifact)  # a bad folder fails before the model loads
+        switch = SafeSwitchArtifact.load(safeswitch_artifact)  # fails before the model loads
         with err.status("Loading model"):
             lm = load_model(model, dtype=dtype, device=resolve_device(device))
-        switch = SafeSwitchArtifact.load(safeswitch_artifact, lm)
+        switch.check_fitted_on(lm, safeswitch_artifact)
         calibrated = calibrate_stage1(
             lm,
             switch,

@@ -135,14 +135,22 @@ class SafeSwitchArtifact:
                 "`safesteer fit safeswitch --out DIR`."
             ) from exc
         if lm is not None:
-            want, got = artifact.base_head_checksum, head_checksum(lm)
-            scale = max(abs(want[1]), 1e-6)
-            if abs(want[1] - got[1]) > 0.02 * scale or abs(want[0] - got[0]) > 0.02 * scale:
-                raise ArtifactError(
-                    f"The refusal head in {directory} was trained against another LM head "
-                    f"(checksum {got} vs {want}); fit SafeSwitch for this model."
-                )
+            artifact._check_head(lm, directory)
         return artifact
+
+    def check_fitted_on(self, lm: LoadedModel, directory: str | Path) -> None:
+        """What ``load(directory, lm)`` checks, for an artifact loaded before the model was."""
+        check_model({"model_fingerprint": self.model_fingerprint}, lm, directory, fit="safeswitch")
+        self._check_head(lm, directory)
+
+    def _check_head(self, lm: LoadedModel, directory: str | Path) -> None:
+        want, got = self.base_head_checksum, head_checksum(lm)
+        scale = max(abs(want[1]), 1e-6)
+        if abs(want[1] - got[1]) > 0.02 * scale or abs(want[0] - got[0]) > 0.02 * scale:
+            raise ArtifactError(
+                f"The refusal head in {directory} was trained against another LM head "
+                f"(checksum {got} vs {want}); fit SafeSwitch for this model."
+            )
 
 
 def sha256_text(text: str) -> str:
