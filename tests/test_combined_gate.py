@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from safesteer.evaluation.evaluate import evaluate
 from safesteer.evaluation.run_setup import RunError
 from safesteer.methods.artifacts import ArtifactError
 from safesteer.methods.combined import check_combinable, combined_batch, combined_generate
-from safesteer.methods.combined_gate import CombinedGate, fit_combined_gate, release_warning
+from safesteer.methods.combined_gate import CombinedGate, fit_combined_gate, release_drop_reason
 from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
 from safesteer.methods.safeswitch.generate import switched_generate_ids, switching
 from safesteer.methods.safeswitch.settings import SAFESWITCH_SYSTEM_PROMPT
@@ -381,16 +380,42 @@ def test_probabilities_match_a_direct_read(lm: LoadedModel, gate: CombinedGate) 
     assert torch.allclose(gate.probabilities(states), direct)
 
 
-def test_release_warning_only_when_it_hands_back_harmful_prompts_alone() -> None:
-    def report(safe: int, unsafe: int, flagged_safe: int) -> dict[str, Any]:
-        return {
-            "released": {"safe": [safe, 792], "unsafe": [unsafe, 635]},
-            "flagged_by_stage1": {"safe": [flagged_safe, 792], "unsafe": [238, 635]},
-        }
+def test_release_drop_reason_only_when_it_hands_back_no_safe_prompt() -> None:
+    def shares(safe: int, unsafe: int) -> dict[str, list[int]]:
+        return {"safe": [safe, 792], "unsafe": [unsafe, 635]}
 
-    warning = release_warning(report(0, 4, 3))  # gate v7 on SafeSwitch v6 (docs/results.md)
-    assert warning is not None
-    assert "hands back 4 harmful prompts and no safe one (stage 1 flags 3 safe" in warning
-    assert release_warning(report(31, 10, 81)) is None  # gate v6: it hands back safe prompts
-    assert release_warning(report(0, 0, 0)) is None  # nothing released at all
-    assert release_warning({"budget": 0.05}) is None  # no release fitted
+    reason = release_drop_reason(shares(0, 4), shares(3, 238))  # gate v7 on SafeSwitch v6
+    assert reason is not None
+    assert "hands back 4 harmful prompts and no safe one (stage 1 flags 3 safe" in reason
+    assert release_drop_reason(shares(31, 10), shares(81, 300)) is None  # gate v6 frees safe ones
+    assert release_drop_reason(shares(1, 0), shares(1, 0)) is None
+    assert release_drop_reason(shares(0, 0), shares(0, 238)) is not None  # it frees nothing
+
+
+def test_fit_drops_a_release_that_hands_back_no_safe_prompt(
+    lm: LoadedModel, switch: SafeSwitchArtifact
+) -> None:
+    layout = ChatLayout(lm.tokenizer, switch.settings.system_prompt)
+    states = capture(lm, [layout.prompt_ids(p.text) for p in VALIDATION], [-1])
+    stage1 = switch.stage1.probability(states[:, switch.settings.layer % lm.num_layers, 0])
+    top_harmful = max(
+        float(p) for p, q in zip(stage1, VALIDATION, strict=True) if q.label == "unsafe"
+    )
+    # stage 1 flags the most harmful-looking harmful prompt and no safe one of this validation set
+    validation = [
+        q
+        for p, q in zip(stage1, VALIDATION, strict=True)
+        if q.label == "unsafe" or p < top_harmful - 1e-3
+    ]
+    assert any(q.label == "safe" for q in validation)
+    # (a margin, since the fit reads P in another batch, with other padding)
+    flag_top = switch.with_settings(threshold1=top_harmful - 1e-4, steer_below=-2.0)
+    fitted = fit_combined_gate(
+        lm, flag_top, HARMFUL, BENIGN, validation, budget=0.2, release_budget=0.9, n_layers=2
+    )
+    report = fitted.report
+    assert report["flagged_by_stage1"]["safe"][0] == 0
+    assert report["flagged_by_stage1"]["unsafe"][0] >= 1
+    assert report["released"]["safe"][0] == 0
+    assert fitted.release_threshold is None
+    assert "no safe one" in report["release_dropped"]

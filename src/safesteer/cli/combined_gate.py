@@ -66,7 +66,7 @@ def fit_combined_gate_command(
     from safesteer.datasets import DatasetError, draw_anchors
     from safesteer.datasets.validation import validation_set
     from safesteer.methods.artifacts import ArtifactError
-    from safesteer.methods.combined_gate import fit_combined_gate, release_warning
+    from safesteer.methods.combined_gate import fit_combined_gate
     from safesteer.methods.safeswitch.artifact import SafeSwitchArtifact
     from safesteer.models import load_model
 
@@ -133,7 +133,6 @@ def fit_combined_gate_command(
                 f"{name} {n}/{flagged[name][0]} flagged" for name, (n, _) in released.items()
             )
         )
-        warning = release_warning(report)
-        if warning:
-            err.print(f"[yellow]note:[/yellow] {warning}")
+    if "release_dropped" in report:
+        err.print(f"[yellow]note:[/yellow] {report['release_dropped']}")
     err.print(f"({time.perf_counter() - started:.0f} s)")

@@ -24,7 +24,8 @@ gate P(harmful) falls under it, is released, i.e. SafeSwitch's refusal head does
 and the model answers it unsteered. Stage 1 flags many scary-but-safe prompts (words like "kill"
 or "shoot"); an independent reader that is confident they are benign vetoes that flag. The
 threshold bounds the share of the validation harmful prompts that stage 1 flags whose out-of-fold
-P(harmful) falls under it.
+P(harmful) falls under it. A release that hands back no safe validation prompt can only cost
+safety, so the fit drops it and says why in the report (``release_dropped``).
 """
 
 from __future__ import annotations
@@ -162,16 +163,18 @@ def _shares(mask: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, list[i
     return {name: [int((mask & rows).sum()), int(rows.sum())] for name, rows in groups.items()}
 
 
-def release_warning(report: dict[str, Any]) -> str | None:
-    """A warning when the fitted release hands back harmful validation prompts and no safe one:
-    stage 1 then flags (almost) no safe prompt, and the release only costs safety."""
-    released = report.get("released")
-    if not released or released["safe"][0] > 0 or released["unsafe"][0] == 0:
+def release_drop_reason(
+    released: dict[str, list[int]], flagged: dict[str, list[int]]
+) -> str | None:
+    """Why a fitted release is dropped, or None to keep it: it is kept only when it hands back at
+    least one safe validation prompt, since a release that frees none can only cost safety (when
+    stage 1 flags (almost) no safe prompt, it has nothing to veto)."""
+    if released["safe"][0] > 0:
         return None
     return (
         f"on the validation set the release hands back {released['unsafe'][0]} harmful prompts "
-        f"and no safe one (stage 1 flags {report['flagged_by_stage1']['safe'][0]} safe "
-        "prompts): it costs safety and gains nothing; consider fitting without --release-budget"
+        f"and no safe one (stage 1 flags {flagged['safe'][0]} safe prompts), so it could only "
+        "cost safety: the gate is saved without a release"
     )
 
 
@@ -260,12 +263,17 @@ def fit_combined_gate(
         report["steered_towards"] = _shares(~flagged & (val_p >= towards), groups)
     if release is not None:
         report["release_budget"] = release_budget
-        report["released"] = _shares(flagged & (val_p < release), groups)
+        released = _shares(flagged & (val_p < release), groups)
+        report["released"] = released
         # what other budgets would release, for choosing one on the validation set
         report["release_by_budget"] = {
             str(b): _shares(flagged & (val_p < budget_threshold(flagged_harmful_p, b)), groups)
             for b in RELEASE_BUDGETS_REPORTED
         }
+        dropped = release_drop_reason(released, _shares(flagged, groups))
+        if dropped is not None:
+            report["release_dropped"] = dropped
+            release = None
     return CombinedGate(
         probe,
         threshold,
