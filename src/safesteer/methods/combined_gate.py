@@ -256,8 +256,9 @@ def fit_combined_gate(
         "steered_with_gate": _shares(by_stage1 & (val_p < threshold), groups),
         "stage1_steering_threshold": switch.settings.steering_threshold,
     }
+    flagged_shares = _shares(flagged, groups)
     if towards is not None or release is not None:
-        report["flagged_by_stage1"] = _shares(flagged, groups)
+        report["flagged_by_stage1"] = flagged_shares
     if towards is not None:
         report["towards_budget"] = towards_budget
         report["steered_towards"] = _shares(~flagged & (val_p >= towards), groups)
@@ -270,7 +271,7 @@ def fit_combined_gate(
             str(b): _shares(flagged & (val_p < budget_threshold(flagged_harmful_p, b)), groups)
             for b in RELEASE_BUDGETS_REPORTED
         }
-        dropped = release_drop_reason(released, _shares(flagged, groups))
+        dropped = release_drop_reason(released, flagged_shares)
         if dropped is not None:
             report["release_dropped"] = dropped
             release = None
