@@ -195,6 +195,33 @@ def test_artifact_round_trip_keeps_the_refusal_gate(
     assert all(d.steer_away for d in classify(lm, old_loaded, QUERIES))
 
 
+def test_without_refusal_gate_steers_every_safe_row_away_and_records_why(
+    tiny_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    lm = tiny_models["llama"]
+    gated = _gated(lm, -4.0)  # P(refuse) 0.018: the gate leaves every row alone
+    validation_row = {"threshold": 0.5, "safe_refusal": 3.7, "unsafe_refusal": 92.1}
+    gated.calibration = {
+        "chosen": {"per_policy": {"signed without the refusal gate": validation_row}}
+    }
+    assert not any(d.steer_away for d in classify(lm, gated, QUERIES))
+    plain = gated.without_refusal_gate("validation prefers it")
+    assert gated.refusal_probe is not None and gated.settings.refusal_threshold == 0.5  # a copy
+    loaded = ScansArtifact.load(plain.save(tmp_path / "plain"), lm)
+    assert loaded.refusal_probe is None and loaded.settings.refusal_threshold is None
+    assert all(d.sigma == -1 and d.steer_away for d in classify(lm, loaded, QUERIES))
+    assert loaded.calibration["refusal_gate_removed"] == {
+        "reason": "validation prefers it",
+        "refusal_threshold": 0.5,
+        "validation": validation_row,
+    }
+    assert torch.equal(loaded.vectors, gated.vectors) and loaded.probe is not None
+    with pytest.raises(ArtifactError, match="no refusal gate"):
+        loaded.without_refusal_gate("again")
+    with pytest.raises(ValueError, match="say why"):
+        gated.without_refusal_gate(" ")
+
+
 def test_choose_policy_reports_the_chosen_policy_without_the_refusal_gate() -> None:
     from safesteer.methods.scans.calibration_config import CalibrationConfig
     from safesteer.methods.scans.policy_choice import choose_policy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -113,6 +114,30 @@ class ScansArtifact:
                 "on the anchors (recalibrate_threshold) or give a threshold as well"
             )
         return replace(self, settings=replace(settings, **changes))
+
+    def without_refusal_gate(self, reason: str) -> ScansArtifact:
+        """A copy with the refusal gate removed: every row below T is steered away again.
+
+        The calibration record keeps ``reason``, the removed threshold and, when the calibration
+        measured it, the validation row of the same policy without the refusal gate.
+        """
+        if self.settings.refusal_threshold is None:
+            raise ArtifactError("this SCANS artifact has no refusal gate to remove")
+        if not reason.strip():
+            raise ValueError("say why the refusal gate is removed (it is kept in the manifest)")
+        calibration = copy.deepcopy(self.calibration)
+        per_policy = calibration.get("chosen", {}).get("per_policy", {})
+        calibration["refusal_gate_removed"] = {
+            "reason": reason,
+            "refusal_threshold": self.settings.refusal_threshold,
+            "validation": per_policy.get(f"{self.settings.policy} without the refusal gate"),
+        }
+        return replace(
+            self,
+            settings=replace(self.settings, refusal_threshold=None),
+            refusal_probe=None,
+            calibration=calibration,
+        )
 
     def save(self, directory: str | Path) -> Path:
         """Write the artifact (safetensors + manifest.json)."""
