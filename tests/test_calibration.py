@@ -410,7 +410,14 @@ def test_shipped_artifact_is_calibrated_and_refuses_another_model(
         assert artifact.refusal_probe.layers == artifact.probe.layers
         recorded = artifact.calibration["gate"]["refusal_gate"]["threshold"]
         assert s.refusal_threshold == pytest.approx(recorded)
-    assert s.refusal_threshold is not None  # 0.5B v7 and 1.5B v2 both ship one
+    if model == "qwen2.5-coder-0.5b":
+        assert s.refusal_threshold is not None  # v7 ships one
+    else:  # v3: v2 without its refusal gate; the manifest says why and what validation measured
+        assert s.refusal_threshold is None and artifact.refusal_probe is None
+        removed = artifact.calibration["refusal_gate_removed"]
+        assert removed["validation"]["threshold"] == pytest.approx(s.threshold)
+        chosen = artifact.calibration["chosen"]["validation"]
+        assert removed["validation"]["safe_refusal"] < chosen["safe_refusal"]
     with pytest.raises(ArtifactError, match="not on the loaded model"):
         ScansArtifact.load(folder, tiny_models["qwen2"])
 
