@@ -14,7 +14,7 @@ import torch
 from safesteer.core.handle import LoadedModel
 from safesteer.methods.artifacts import ArtifactError, check_model, load_artifact, save_artifact
 from safesteer.methods.scans.gate import ProbeGate
-from safesteer.methods.scans.settings import ScansSettings
+from safesteer.methods.scans.settings import ScansSettings, without_refusal_gate_key
 
 
 def _sha(text: str) -> str:
@@ -130,7 +130,7 @@ class ScansArtifact:
         calibration["refusal_gate_removed"] = {
             "reason": reason,
             "refusal_threshold": self.settings.refusal_threshold,
-            "validation": per_policy.get(f"{self.settings.policy} without the refusal gate"),
+            "validation": per_policy.get(without_refusal_gate_key(self.settings.policy)),
         }
         return replace(
             self,

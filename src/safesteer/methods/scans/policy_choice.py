@@ -10,7 +10,7 @@ import numpy as np
 
 from safesteer.evaluation.judges.keyword import is_refusal_strict
 from safesteer.methods.scans.calibration_config import CalibrationConfig
-from safesteer.methods.scans.settings import POLICIES, Policy
+from safesteer.methods.scans.settings import POLICIES, Policy, without_refusal_gate_key
 
 
 def outcome_rates(
@@ -286,5 +286,5 @@ def choose_policy(
     if steer_away is not None:
         # what the refusal gate costs on validation: the chosen policy steering every row below T
         # away, its threshold chosen the same way
-        picks[f"{policy} without the refusal gate"] = pick(table(policy, None))
+        picks[without_refusal_gate_key(policy)] = pick(table(policy, None))
     return policy, picks, {name: frontier(rows) for name, rows in tables.items()}

@@ -16,6 +16,12 @@ AWAY_MODES: tuple[AwayMode, ...] = ("add", "clamp")
 GATES: tuple[Gate, ...] = ("transition", "probe")
 POLICIES: tuple[Policy, ...] = ("signed", "away-only", "banded")
 
+
+def without_refusal_gate_key(policy: str) -> str:
+    """The calibration's ``per_policy`` key of ``policy`` measured without the refusal gate."""
+    return f"{policy} without the refusal gate"
+
+
 # alpha relative to the mean residual norm at each steering layer; chosen on the embedded model's
 # anchors so that steering changes refusals without breaking fluency (see docs/methods.md).
 DEFAULT_RELATIVE_ALPHA = 0.02
